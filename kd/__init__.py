@@ -1,0 +1,1 @@
+"""kd: BERT pretrain-then-finetune knowledge distillation in plain PyTorch."""

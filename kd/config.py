@@ -1,0 +1,240 @@
+"""Typed run configuration: dataclass schema + YAML preset + dotted command-line overrides.
+
+The schema is the single source of truth. OmegaConf structured configs reject unknown keys and
+wrong types; we catch those before any model or data is loaded and turn them into a one-line
+error that names the key and suggests the closest valid one.
+"""
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kd.errors import KDError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings, shared by pretraining and fine-tuning."""
+    max_steps: int = 1000
+    epochs: Optional[int] = None        # if set, the run also stops after this many epochs
+    batch_size: int = 32                # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "linear"            # linear | cosine | constant (after warmup)
+    clip_grad_norm: float = 1.0
+    amp: str = "bf16"                   # bf16 | fp16 | none; applies on CUDA only, CPU runs fp32
+    eval_every: int = 200               # steps; 0 disables periodic eval (eval still runs at the end)
+    eval_every_epoch: bool = False      # fine-tuning evaluates once per epoch
+    eval_batches: int = 50              # cap on eval batches per evaluation
+    save_every: int = 500               # steps; 0 keeps only the final checkpoint
+    keep_last: int = 2                  # checkpoints kept on disk
+    log_every: int = 10                 # steps between metric logs (one host sync per log)
+    resume: str = "auto"                # auto | none | <checkpoint dir>
+    seed: int = 0
+    compile: bool = False               # torch.compile the trainable model
+    num_workers: int = 0                # DataLoader workers (masking is cheap; 0 is fine on CPU)
+    device: str = "auto"                # auto | cpu | cuda
+
+
+@dataclass
+class TeacherConfig:
+    name: Optional[str] = None          # hub name or local path of a BertForMaskedLM with MLM head
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    num_layers: int = 6
+    hidden_size: Optional[int] = None       # None: the teacher's width
+    num_heads: Optional[int] = None         # None: the teacher's (or hidden_size // 64)
+    intermediate_size: Optional[int] = None  # None: 4 * hidden_size
+    # teacher_layers | random | pretrained:<path, hub name or packaged-minilm>
+    init: str = "teacher_layers"
+    init_layers: Optional[List[int]] = None  # teacher layers copied by teacher_layers init
+
+
+@dataclass
+class DataConfig:
+    # hub | text | wiki_sample
+    source: str = "wiki_sample"
+    hub_dataset: str = "wikitext"
+    hub_config: str = "wikitext-103-raw-v1"
+    train_files: List[str] = field(default_factory=list)       # for source=text (.txt or .jsonl)
+    validation_files: List[str] = field(default_factory=list)
+    validation_fraction: float = 0.05   # held-out share of documents when no validation split exists
+    tokenizer: Optional[str] = None     # None: the teacher's (or the pretrained student's)
+    seq_len: int = 128
+    mlm_probability: float = 0.15
+    static_masks: bool = False          # same mask for a block in every epoch (teacher cache needs it)
+    mask_seed: int = 1234
+    on_bad_bytes: str = "skip"          # skip (counted) | error, for undecodable text files
+    cache_dir: str = "cache"
+
+
+@dataclass
+class LossConfig:
+    alpha_mlm: float = 2.0
+    alpha_kd: float = 5.0
+    alpha_hidden: float = 1.0
+    temperature: float = 2.0
+    kd_positions: str = "masked"        # masked | all (every non-pad position, as DistilBERT)
+    kd_direction: str = "forward"       # forward KL(t||s) | reverse KL(s||t)
+    hidden_loss: str = "cosine"         # mse | cosine
+    hidden_layer_map: Optional[List[List[int]]] = None  # [[student_idx, teacher_idx], ...], hidden_states indices
+    hidden_include_embeddings: bool = False
+    kd_loss_scale: Optional[float] = None  # if set, rescale KD terms to this multiple of the MLM loss
+
+
+@dataclass
+class PretrainConfig:
+    run_name: str = MISSING
+    log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    if OmegaConf.is_config(node):  # MISSING values would raise on access; a container keeps "???"
+        node = OmegaConf.to_container(node, resolve=False)
+    keys = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            keys.extend(_all_keys(value, dotted + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: Any, origin: str) -> KDError:
+    """One-line message naming the bad key, with the closest valid keys."""
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    valid = _all_keys(schema)
+    hint = ""
+    if key and key not in valid:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+        if not close:  # also try the last component on its own
+            leaf = key.split(".")[-1]
+            close = [k for k in valid if difflib.get_close_matches(leaf, [k.split(".")[-1]], cutoff=0.75)][:3]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return KDError(f"unknown config key '{key}' in {origin}.{hint} "
+                       f"Valid keys are listed in kd/config.py.")
+    return KDError(f"bad value for config key '{key}' in {origin}: {msg}")
+
+
+def load_config(schema_cls: type, config_path: Optional[str], overrides: List[str]) -> Any:
+    """Schema defaults <- YAML preset <- `a.b=value` overrides; validated, read-only."""
+    schema = OmegaConf.structured(schema_cls)
+    merged = schema
+    if config_path:
+        if not os.path.isfile(config_path):
+            raise KDError(f"config file not found: {config_path}. Presets live in configs/.")
+        try:
+            preset = OmegaConf.load(config_path)
+        except Exception as err:  # YAML syntax errors carry line numbers; keep only that line
+            raise KDError(f"cannot parse {config_path}: {str(err).splitlines()[0]}") from None
+        try:
+            merged = OmegaConf.merge(merged, preset)
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, config_path) from None
+    for item in overrides:
+        if "=" not in item:
+            raise KDError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "the command line") from None
+    missing = sorted(k for k in OmegaConf.missing_keys(merged))
+    if missing:
+        raise KDError(f"config key(s) {', '.join(missing)} must be set, e.g. {missing[0]}=my-run")
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def parse_cli(schema_cls: type, argv: List[str]) -> Any:
+    """`--config preset.yaml key=value ...` -> validated config."""
+    config_path = None
+    overrides = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: --config PRESET.yaml [key=value ...]\n\nkeys and defaults:\n"
+                  f"{OmegaConf.to_yaml(OmegaConf.structured(schema_cls))}")
+            raise SystemExit(0)
+        if arg == "--config":
+            if not args:
+                raise KDError("--config needs a path, e.g. --config configs/demo.yaml")
+            config_path = args.pop(0)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            raise KDError(f"unknown option {arg}; use --config PATH and key=value overrides")
+        else:
+            overrides.append(arg)
+    return load_config(schema_cls, config_path, overrides)
+
+
+def check_choice(value: str, choices: List[str], key: str) -> None:
+    if value not in choices:
+        raise KDError(f"{key}={value!r} is not one of {choices}")
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Cross-field checks that the type system cannot express. Runs before any heavy work."""
+    check_choice(cfg.data.source, ["hub", "text", "wiki_sample"], "data.source")
+    check_choice(cfg.loss.kd_positions, ["masked", "all"], "loss.kd_positions")
+    check_choice(cfg.loss.kd_direction, ["forward", "reverse"], "loss.kd_direction")
+    check_choice(cfg.loss.hidden_loss, ["mse", "cosine"], "loss.hidden_loss")
+    validate_train(cfg.train)
+    init = cfg.student.init
+    if not (init in ("teacher_layers", "random") or init.startswith("pretrained:")):
+        raise KDError(f"student.init={init!r}: use teacher_layers, random or pretrained:<path>")
+    needs_teacher = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or init == "teacher_layers"
+    if needs_teacher and not cfg.teacher.name:
+        raise KDError("teacher.name is not set, but KD losses or student.init=teacher_layers need a "
+                      "teacher. Set teacher.name, or set loss.alpha_kd=0 loss.alpha_hidden=0 and a "
+                      "non-teacher student.init for MLM-only training.")
+    if cfg.data.source == "text" and not cfg.data.train_files:
+        raise KDError("data.source=text needs data.train_files=[path.txt, ...]")
+    if not 0 < cfg.data.mlm_probability < 1:
+        raise KDError(f"data.mlm_probability={cfg.data.mlm_probability} must be in (0, 1)")
+    if cfg.data.seq_len < 8:
+        raise KDError(f"data.seq_len={cfg.data.seq_len} is too short; use at least 8")
+    if cfg.loss.temperature <= 0:
+        raise KDError(f"loss.temperature={cfg.loss.temperature} must be > 0")
+    if min(cfg.loss.alpha_mlm, cfg.loss.alpha_kd, cfg.loss.alpha_hidden) < 0:
+        raise KDError("loss weights (loss.alpha_*) must be >= 0")
+    if cfg.loss.alpha_mlm + cfg.loss.alpha_kd + cfg.loss.alpha_hidden == 0:
+        raise KDError("all loss weights are 0: nothing to train. Set loss.alpha_mlm > 0.")
+    if cfg.loss.kd_loss_scale is not None and cfg.loss.alpha_mlm == 0:
+        raise KDError("loss.kd_loss_scale balances KD terms against the MLM loss, so it needs "
+                      "loss.alpha_mlm > 0 (or unset loss.kd_loss_scale)")
+
+
+def validate_train(train: TrainConfig) -> None:
+    check_choice(train.amp, ["bf16", "fp16", "none"], "train.amp")
+    check_choice(train.schedule, ["linear", "cosine", "constant"], "train.schedule")
+    check_choice(train.device, ["auto", "cpu", "cuda"], "train.device")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(train, key) < 1:
+            raise KDError(f"train.{key}={getattr(train, key)} must be >= 1")
+    if train.keep_last < 1:
+        raise KDError("train.keep_last must be >= 1 so a good checkpoint always survives")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

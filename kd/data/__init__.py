@@ -1,0 +1,1 @@
+"""Data: pretraining corpora, token blocks, MLM masking, and fine-tuning task data."""

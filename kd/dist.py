@@ -1,0 +1,99 @@
+"""torchrun environment -> process group, and the few rank-0 helpers the rest of the code needs.
+
+Launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): nccl on GPU, gloo on CPU. Launched as a
+plain `python` script: a single process and no process group at all.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from kd.errors import KDError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise KDError("train.device=cuda but no CUDA device is available; use train.device=auto")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(requested_device: str = "auto") -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                 device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not tdist.is_initialized() or tdist.get_rank() == 0
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def rank0_first(fn: Callable[[], T]) -> None:
+    """Run `fn` on rank 0 while the others wait; if it fails, every rank fails with its message.
+
+    Without this, a user error on rank 0 (say, a missing file) would leave the others blocked in a
+    barrier until the 30-minute collective timeout.
+    """
+    error = None
+    if is_rank0():
+        try:
+            fn()
+        except KDError as err:
+            error = str(err)
+    if tdist.is_initialized():
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise KDError(error)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if tdist.is_initialized():
+        tensor = tensor.clone()
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        tensor /= tdist.get_world_size()
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if tdist.is_initialized():
+        tensor = tensor.clone()
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,70 @@
+"""Distillation losses as pure functions of (student, teacher, mask=None).
+
+Every function returns a scalar averaged over the positions it is given. Choices (DESIGN §2):
+- logit KD is `T^2 * KL`, as DistilBERT does, so gradients keep their scale across temperatures;
+- forward KL is KL(teacher || student) (mean-seeking), reverse is KL(student || teacher);
+- hidden-state losses ignore padding through the attention mask.
+"""
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(per_item: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return per_item.mean()
+    mask = mask.to(per_item.dtype)
+    return (per_item * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kl_div_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  direction: str = "forward", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T^2 * KL between temperature-softened distributions over the last dim, mean over positions."""
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if direction == "forward":
+        per_position = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    elif direction == "reverse":
+        per_position = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    else:
+        raise ValueError(f"direction must be forward or reverse, got {direction!r}")
+    return temperature ** 2 * _masked_mean(per_position, mask)
+
+
+def mlm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the predicted positions; logits (..., V), labels (...)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error per token (averaged over features), mean over unmasked tokens."""
+    per_token = (student.float() - teacher.float()).pow(2).mean(-1)
+    return _masked_mean(per_token, mask)
+
+
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 - cosine similarity per token, mean over unmasked tokens (DistilBERT's cosine loss)."""
+    per_token = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    return _masked_mean(per_token, mask)
+
+
+HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine}
+
+
+def combine_terms(terms: Dict[str, torch.Tensor], weights: Dict[str, float],
+                  kd_loss_scale: Optional[float] = None, lm_term: str = "mlm_ce") -> torch.Tensor:
+    """Weighted sum of named terms.
+
+    With `kd_loss_scale` set (ModelOpt's balancer), the KD terms together are rescaled to
+    `kd_loss_scale` times the LM loss magnitude; the scale factor is a detached ratio, so it steers
+    magnitudes without sending gradient through the ratio itself.
+    """
+    total = terms[lm_term] * weights[lm_term] if lm_term in terms else 0.0
+    kd = sum(terms[name] * weights[name] for name in terms if name != lm_term)
+    if kd_loss_scale is not None and torch.is_tensor(kd) and lm_term in terms:
+        ratio = (terms[lm_term].detach() * weights[lm_term]) / kd.detach().clamp_min(1e-8)
+        kd = kd * (kd_loss_scale * ratio)
+    return total + kd

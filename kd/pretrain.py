@@ -1,0 +1,139 @@
+"""Distillation pretraining: config -> data -> models -> engine -> checkpoint, export and logs."""
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from kd import dist
+from kd.checkpoint import Checkpointer, export_pretrained
+from kd.config import to_dict, to_yaml, validate_pretrain
+from kd.data.blocks import load_blocks
+from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
+from kd.data.masking import masking_spec_for
+from kd.engine import Trainer, autocast_for
+from kd.errors import KDError
+from kd.logger import setup_console_logging, write_json
+from kd.models import (DistillationStudent, build_student, count_parameters, default_hidden_map,
+                       load_teacher, load_tokenizer)
+from kd.objective import distill_loss, evaluate_mlm, make_plan
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_ref(cfg) -> str:
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    if cfg.teacher.name:
+        return cfg.teacher.name
+    if cfg.student.init.startswith("pretrained:"):
+        return cfg.student.init.split(":", 1)[1]
+    raise KDError("no tokenizer: set data.tokenizer (or teacher.name, or student.init=pretrained:<path>)")
+
+
+def hidden_pairs_for(cfg, num_teacher: Optional[int], num_student: int):
+    if cfg.loss.alpha_hidden == 0 or num_teacher is None:
+        return []
+    if cfg.loss.hidden_layer_map:
+        pairs = [tuple(p) for p in cfg.loss.hidden_layer_map]
+        for pair in pairs:
+            if len(pair) != 2 or not (0 <= pair[0] <= num_student and 0 <= pair[1] <= num_teacher):
+                raise KDError(f"loss.hidden_layer_map entry {list(pair)} must be [student_idx, teacher_idx] "
+                              f"with hidden_states indices in [0, {num_student}] and [0, {num_teacher}]")
+        return pairs
+    return default_hidden_map(num_teacher, num_student, cfg.loss.hidden_include_embeddings)
+
+
+def check_compatible(cfg, tokenizer, teacher) -> None:
+    if teacher is not None:
+        if teacher.config.vocab_size != len(tokenizer):
+            raise KDError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                          f"tokenizer's ({len(tokenizer)}); use the teacher's own tokenizer (unset data.tokenizer)")
+        if cfg.data.seq_len > teacher.config.max_position_embeddings:
+            raise KDError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max_position_embeddings "
+                          f"({teacher.config.max_position_embeddings}); lower data.seq_len")
+
+
+def run_pretraining(cfg) -> dict:
+    validate_pretrain(cfg)
+    info = dist.setup(cfg.train.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        dist.teardown()
+
+
+def _run(cfg, info: dist.DistInfo) -> dict:
+    setup_console_logging()
+    started = time.time()
+    torch.manual_seed(cfg.train.seed + info.rank)
+    log_dir = os.path.join(cfg.log_dir, cfg.run_name)
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.run_name)
+    log.info("run %s on %s x%d", cfg.run_name, info.device, info.world_size)
+
+    tokenizer = load_tokenizer(tokenizer_ref(cfg))
+    plan_needs_teacher = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0
+    teacher = None
+    if plan_needs_teacher or cfg.student.init == "teacher_layers":
+        teacher = load_teacher(cfg.teacher, info.device)
+    check_compatible(cfg, tokenizer, teacher)
+    student = build_student(cfg.student, teacher, len(tokenizer))
+    if cfg.data.seq_len > student.config.max_position_embeddings:
+        raise KDError(f"data.seq_len={cfg.data.seq_len} exceeds the student's max_position_embeddings "
+                      f"({student.config.max_position_embeddings}); lower data.seq_len")
+    num_teacher = teacher.config.num_hidden_layers if teacher is not None else None
+    pairs = hidden_pairs_for(cfg, num_teacher, student.config.num_hidden_layers)
+    plan = make_plan(cfg.loss, pairs)
+    if not plan.use_teacher:
+        teacher = None  # only needed for the initial weights: free it (no-KD baseline)
+    module = DistillationStudent(student, plan.hidden_pairs,
+                                 teacher.config.hidden_size if teacher is not None else None)
+    log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
+             student.config.hidden_size, count_parameters(student) / 1e6, list(plan.weights))
+
+    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.train.seed)
+    log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
+             cfg.data.seq_len)
+    collate = MLMCollate(masking_spec_for(tokenizer, cfg.data))
+    loader = make_loader(IndexedBlocks(train_blocks), cfg.train.batch_size, collate, info.rank,
+                         info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers,
+                         pin_memory=info.device.type == "cuda")
+    eval_collate = MLMCollate(masking_spec_for(tokenizer, cfg.data, static=True))
+    val_set = IndexedBlocks(val_blocks)
+    if len(val_set) < cfg.train.batch_size * info.world_size:
+        raise KDError(f"the validation split has {len(val_set)} blocks, fewer than one global batch "
+                      f"({cfg.train.batch_size} x {info.world_size}); use more validation text or a "
+                      f"smaller train.batch_size")
+    autocast = autocast_for(info.device, cfg.train.amp)
+
+    def eval_fn(model):
+        batches = eval_batches(val_set, cfg.train.batch_size, eval_collate, info.rank, info.world_size,
+                               cfg.train.eval_batches)
+        return evaluate_mlm(model, teacher, batches, plan, info.device, autocast)
+
+    export_dir = os.path.join(run_dir, "final")
+
+    def export_fn(model):
+        export_pretrained(model.student, tokenizer, export_dir)
+        log.info("exported student to %s", export_dir)
+
+    fingerprint = {"student": to_dict(cfg.student), "teacher": cfg.teacher.name,
+                   "seq_len": cfg.data.seq_len, "hidden_pairs": [list(p) for p in plan.hidden_pairs]}
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint)
+    trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
+                      loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
+    if info.is_main:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "config.yaml"), "w") as fh:
+            fh.write(to_yaml(cfg))
+        write_json(os.path.join(log_dir, "run.json"), {
+            "kind": "pretrain", "run_name": cfg.run_name, "num_parameters": count_parameters(student),
+            "device": str(info.device), "world_size": info.world_size, "export_dir": export_dir,
+            "teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len,
+            "global_batch": cfg.train.batch_size * cfg.train.grad_accum * info.world_size})
+    trainer.maybe_resume()
+    metrics = trainer.fit()
+    log.info("done in %.0f s: %s", time.time() - started,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics

@@ -21,7 +21,7 @@ OFFLINE_HINT = ("Use a local path, or the offline preset: --config configs/demo.
                 "(run configs/demo_teacher.yaml first, or simply `make demo`).")
 
 
-def _from_pretrained(cls, ref: str, what: str, **kwargs):
+def load_pretrained(cls, ref: str, what: str, **kwargs):
     path = resolve_model_ref(ref)
     if not os.path.isdir(path):
         prepare_hub_access()
@@ -34,7 +34,7 @@ def _from_pretrained(cls, ref: str, what: str, **kwargs):
 
 
 def load_tokenizer(ref: str):
-    tokenizer = _from_pretrained(AutoTokenizer, ref, "tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer, ref, "tokenizer")
     if tokenizer.mask_token_id is None or tokenizer.cls_token_id is None:
         raise KDError(f"tokenizer '{ref}' has no [MASK]/[CLS] token; a BERT WordPiece tokenizer is needed")
     return tokenizer
@@ -42,7 +42,7 @@ def load_tokenizer(ref: str):
 
 def load_mlm_model(ref: str, what: str, require_head: bool, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False) -> BertForMaskedLM:
-    model, info = _from_pretrained(BertForMaskedLM, ref, what, output_loading_info=True,
+    model, info = load_pretrained(BertForMaskedLM, ref, what, output_loading_info=True,
                                    attn_implementation="sdpa", dtype=dtype,
                                    trust_remote_code=trust_remote_code)
     missing = set(info["missing_keys"])

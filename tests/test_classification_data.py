@@ -96,7 +96,7 @@ def test_missing_and_empty_files(tmp_path):
         load_classification_splits("files", "sst2", train_file=write(tmp_path, "e.tsv", "\n"))
     with pytest.raises(KDError, match="no data rows"):
         load_classification_splits("files", "sst2", train_file=write(tmp_path, "h.tsv", "sentence\tlabel\n"))
-    with pytest.raises(KDError, match="needs data.train_file"):
+    with pytest.raises(KDError, match="needs data.train=PATH"):
         load_classification_splits("files", "sst2")
     with pytest.raises(KDError, match="unknown classification task 'sst3'"):
         load_classification_splits("files", "sst3", train_file=missing)
@@ -108,7 +108,7 @@ def test_unlabelled_test_file_is_allowed_only_for_test(tmp_path):
     path = write(tmp_path, "test.tsv", "index\tsentence\n0\tsome film\n")
     data = load_classification_splits("files", "sst2", test_file=path)
     assert data.splits["test"] == [Example("some film", None, -1)]
-    with pytest.raises(KDError, match="has no train or validation split.*data.train_file=PATH data.validation_file=PATH"):
+    with pytest.raises(KDError, match="has no train or validation split.*data.train=PATH data.validation=PATH"):
         data.require("train", "validation")
     with pytest.raises(KDError, match=r"missing column\(s\) \['label'\]"):
         load_classification_splits("files", "sst2", train_file=path)

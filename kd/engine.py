@@ -7,7 +7,8 @@ AMP, accumulation, clipping, the LR schedule, logging, checkpoints and exact res
 import contextlib
 import logging
 import math
-import time
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -30,11 +31,43 @@ class LoopState:
     epoch: int = 0
     samples_in_epoch: int = 0    # per rank, so the sampler can skip them on resume
     tokens_seen: int = 0         # global
+    skipped_steps: int = 0       # steps dropped for a non-finite loss or gradient
     history: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
-                "tokens_seen": self.tokens_seen}
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+
+class GracefulStop(SystemExit):
+    """Raised after a signal-triggered checkpoint; the exit status is 128 + signal number."""
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current step, saves, and exits.
+
+    Ranks can receive the signal a step apart, so they agree through a tiny all-reduce (MAX) on
+    the CPU control group every step: no GPU sync, and no rank left waiting in a collective."""
+
+    def __init__(self):
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if not self.signum:
+            log.warning("received %s: finishing the current step, then saving a checkpoint",
+                        signal.Signals(signum).name)
+        self.signum = signum
+
+    def agreed(self) -> int:
+        return dist.all_reduce_max_int(self.signum)
+
+    def restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -120,7 +153,8 @@ class Trainer:
             return
         saved = self.checkpointer.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"],
-                               samples_in_epoch=saved["samples_in_epoch"], tokens_seen=saved["tokens_seen"])
+                               samples_in_epoch=saved["samples_in_epoch"], tokens_seen=saved["tokens_seen"],
+                               skipped_steps=saved.get("skipped_steps", 0))
         log.info("resumed from %s (step %d, epoch %d)", folder, self.state.step, self.state.epoch)
 
     def save(self) -> None:
@@ -160,8 +194,14 @@ class Trainer:
                 terms_sum[name] = terms_sum[name] + value if name in terms_sum else value
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if cfg.clip_grad_norm > 0:
-            terms_sum["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        terms_sum["grad_norm"] = grad_norm
+        # One scalar sync per step: a NaN/inf loss or gradient must not reach the weights. (With
+        # fp16 the GradScaler already skips overflowing steps and lowers its scale instead.)
+        if not self.scaler and not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -197,7 +237,30 @@ class Trainer:
             f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    def _skip_nonfinite(self) -> None:
+        self.state.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.logger.write({"step": self.state.step, "epoch": self.state.epoch,
+                           "skipped_steps": self.state.skipped_steps},
+                          console=f"non-finite loss or gradient after step {self.state.step}: step skipped "
+                                  f"({self.consecutive_skips} in a row, {self.state.skipped_steps} in total)")
+        if self.consecutive_skips >= self.cfg.max_nonfinite_skips:
+            latest = self.checkpointer.step_dirs()
+            raise KDError(f"stopped: {self.consecutive_skips} consecutive steps had a non-finite loss or "
+                          f"gradient (after step {self.state.step}). The last good checkpoint is "
+                          f"{latest[0] if latest else 'none (no checkpoint was saved yet)'} in "
+                          f"{self.checkpointer.run_dir}. Lower train.lr, check the data, or use "
+                          f"train.amp=bf16 instead of fp16.")
+
     def fit(self) -> Dict[str, float]:
+        self.stop_request = StopRequest()
+        self.consecutive_skips = 0
+        try:
+            return self._fit()
+        finally:
+            self.stop_request.restore()
+
+    def _fit(self) -> Dict[str, float]:
         cfg, state = self.cfg, self.state
         self.wrapped.train()
         sums: Dict[str, torch.Tensor] = {}
@@ -223,9 +286,13 @@ class Trainer:
                     break
                 continue
             terms = self._train_step(micro)
+            state.samples_in_epoch += sum(len(b["input_ids"]) for b in micro)
+            if terms is None:
+                self._skip_nonfinite()
+                continue
+            self.consecutive_skips = 0
             tokens = sum(b["input_ids"].numel() for b in micro) * self.info.world_size
             state.step += 1
-            state.samples_in_epoch += sum(len(b["input_ids"]) for b in micro)
             state.tokens_seen += tokens
             tokens_since_log += tokens
             for name, value in terms.items():
@@ -241,6 +308,15 @@ class Trainer:
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
                 self.save()
                 last_saved = state.step
+            signum = self.stop_request.agreed()
+            if signum:
+                if state.step != last_saved:
+                    self.save()
+                self.logger.write({"step": state.step, "stopped_by_signal": signum},
+                                  console=f"stopped by {signal.Signals(signum).name} after step {state.step}; "
+                                          f"checkpoint saved. Continue with train.resume=auto.")
+                self.logger.close()
+                raise GracefulStop(128 + signum)
         metrics = self.evaluate()
         if state.step != last_saved or cfg.save_every == 0:
             self.save()

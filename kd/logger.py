@@ -12,9 +12,14 @@ from kd import dist
 
 def setup_console_logging() -> None:
     """Timestamped lines on rank 0; other ranks only report warnings and errors."""
-    level = logging.INFO if dist.is_rank0() or os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, force=True)
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(getattr(h, "kd_console", False) for h in root.handlers):  # keep others' handlers
+        handler = logging.StreamHandler(sys.stdout)
+        handler.kd_console = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(handler)
     for noisy in ("transformers", "datasets", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

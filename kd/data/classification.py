@@ -24,15 +24,14 @@ import torch
 from torch.utils.data import Dataset
 
 from kd import assets
+from kd.data.bad_rows import BadRows
 from kd.errors import KDError
 from kd.hub import hub_error, prepare_hub_access
 
 # Config keys quoted in error messages, so a message names the exact override that fixes it.
 CFG = "data"
-ON_BAD_ROW_CHOICES = ("error", "skip")
 SOURCES = ("hub", "files", "pang-lee", "tweets")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)   # train / validation / test for the packaged sources
-MAX_NOTES_PER_REASON = 5                     # example messages kept per skip reason
 
 
 @dataclass(frozen=True)
@@ -143,23 +142,6 @@ class ClassificationData:
                 "skipped": self.skipped}
 
 
-class _BadRows:
-    """Raise or count row problems, per `on_bad_row`."""
-
-    def __init__(self, on_bad_row: str):
-        if on_bad_row not in ON_BAD_ROW_CHOICES:
-            raise KDError(f"{CFG}.on_bad_row={on_bad_row!r} is not one of {list(ON_BAD_ROW_CHOICES)}")
-        self.on_bad_row = on_bad_row
-        self.counts: Counter = Counter()
-        self.notes: List[str] = []
-
-    def __call__(self, reason: str, message: str) -> None:
-        if self.on_bad_row == "error":
-            raise KDError(f"{message}. Fix the row, or set {CFG}.on_bad_row=skip to skip and count "
-                          f"such rows.")
-        self.counts[reason] += 1
-        if self.counts[reason] <= MAX_NOTES_PER_REASON:
-            self.notes.append(f"skipped ({reason}): {message}")
 
 
 def parse_label(value, label_names: Sequence[str]) -> Optional[int]:
@@ -183,7 +165,7 @@ def parse_label(value, label_names: Sequence[str]) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------
 # local files
 
-def _decoded_lines(path: str, bad: _BadRows) -> List[Tuple[int, str]]:
+def _decoded_lines(path: str, bad: BadRows) -> List[Tuple[int, str]]:
     """(1-based line number, text) of each line that decodes as UTF-8 (a BOM is dropped)."""
     if not os.path.isfile(path):
         raise KDError(f"data file not found: {path}. Check the path ({CFG}.train / "
@@ -204,7 +186,7 @@ def _decoded_lines(path: str, bad: _BadRows) -> List[Tuple[int, str]]:
     return lines
 
 
-def _records(path: str, bad: _BadRows) -> Tuple[List[str], List[Tuple[int, dict]]]:
+def _records(path: str, bad: BadRows) -> Tuple[List[str], List[Tuple[int, dict]]]:
     """(columns, [(line number, {column: value})]) from a .tsv, .csv or .jsonl file."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".tsv", ".csv", ".jsonl"):
@@ -275,7 +257,7 @@ def read_examples_file(path: str, task: TaskSpec, text_columns: Optional[Sequenc
     Columns default to the task's field names (`sentence,label` for SST-2). A file without the label
     column is accepted only when `require_labels` is False (a test file); its labels are -1.
     """
-    bad = _BadRows(on_bad_row)
+    bad = BadRows(on_bad_row, "rows")
     text_columns = list(text_columns or task.text_fields)
     label_column = label_column or task.label_field
     if len(text_columns) != len(task.text_fields):
@@ -427,7 +409,7 @@ def load_hub(task: TaskSpec, on_bad_row: str = "error") -> ClassificationData:
         missing = [c for c in (*task.text_fields, task.label_field) if c not in columns]
         if missing:
             raise KDError(f"{what}/{hub_split}: missing column(s) {missing}; columns found {columns}")
-        bad = _BadRows(on_bad_row)
+        bad = BadRows(on_bad_row, "rows")
         texts = [loaded[hub_split][f] for f in task.text_fields]
         rows = []
         for index, label in enumerate(loaded[hub_split][task.label_field]):
@@ -468,7 +450,7 @@ def load_classification_splits(source: str, task: str = "sst2", train_file: Opti
     `seed` and `split_fractions` only matter for the packaged sources, which have no fixed split.
     """
     spec = get_task(task)
-    _BadRows(on_bad_row)   # validates the option before any work
+    BadRows(on_bad_row, "rows")   # validates the option before any work
     if source == "hub":
         return load_hub(spec, on_bad_row)
     if source in ("pang-lee", "tweets"):

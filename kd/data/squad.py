@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kd.data.bad_rows import BadRows
 from kd.errors import KDError
 from kd.hub import hub_error, prepare_hub_access
 
 CFG = "data"
-ON_BAD_ROW_CHOICES = ("error", "skip")
-MAX_NOTES_PER_REASON = 5
 SQUAD_SHAPE = ('{"data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [{"id": ..., '
                '"question": ..., "answers": [{"text": ..., "answer_start": int}]}]}]}]}')
 
@@ -55,25 +54,10 @@ class SquadData:
         return {"split_sizes": self.split_sizes, "skipped": self.skipped}
 
 
-class _BadRows:
-    def __init__(self, on_bad_row: str):
-        if on_bad_row not in ON_BAD_ROW_CHOICES:
-            raise KDError(f"{CFG}.on_bad_row={on_bad_row!r} is not one of {list(ON_BAD_ROW_CHOICES)}")
-        self.on_bad_row = on_bad_row
-        self.counts: Counter = Counter()
-        self.notes: List[str] = []
-
-    def __call__(self, reason: str, message: str) -> None:
-        if self.on_bad_row == "error":
-            raise KDError(f"{message}. Fix the data, or set {CFG}.on_bad_row=skip to skip and count "
-                          f"such questions.")
-        self.counts[reason] += 1
-        if self.counts[reason] <= MAX_NOTES_PER_REASON:
-            self.notes.append(f"skipped ({reason}): {message}")
 
 
 def _check_question(where: str, qid, question, context, answers: Iterable[Tuple[object, object]],
-                    bad: _BadRows, seen_ids: set) -> Optional[SquadExample]:
+                    bad: BadRows, seen_ids: set) -> Optional[SquadExample]:
     """One question -> a SquadExample, or None (counted) if it is bad and bad rows are skipped."""
     if not isinstance(qid, str) or not qid:
         bad("malformed_question", f"{where}: question without a string 'id' ({qid!r})")
@@ -111,7 +95,7 @@ def _check_question(where: str, qid, question, context, answers: Iterable[Tuple[
 def read_squad_json(path: str, on_bad_row: str = "error"
                     ) -> Tuple[List[SquadExample], Dict[str, int], List[str]]:
     """Read a local SQuAD v1.1 JSON file. Returns (examples, skip counts by reason, skip notes)."""
-    bad = _BadRows(on_bad_row)
+    bad = BadRows(on_bad_row, "questions")
     if not os.path.isfile(path):
         raise KDError(f"SQuAD file not found: {path}. Check {CFG}.train / {CFG}.validation.")
     if os.path.getsize(path) == 0:
@@ -170,7 +154,7 @@ def load_hub_squad(on_bad_row: str = "error") -> SquadData:
                         f"and dev-v1.1.json).") from None
     data = SquadData({})
     for split in ("train", "validation"):
-        bad, seen, rows = _BadRows(on_bad_row), set(), []
+        bad, seen, rows = BadRows(on_bad_row, "questions"), set(), []
         for index, row in enumerate(loaded[split]):
             answers = row["answers"]
             example = _check_question(f"squad/{split} row {index}", row["id"], row["question"],
@@ -189,7 +173,7 @@ def load_hub_squad(on_bad_row: str = "error") -> SquadData:
 def load_squad(source: str = "hub", train_file: Optional[str] = None,
                validation_file: Optional[str] = None, on_bad_row: str = "error") -> SquadData:
     """SQuAD v1.1 from the hub (`source="hub"`) or local JSON files (`source="files"`)."""
-    _BadRows(on_bad_row)
+    BadRows(on_bad_row, "questions")
     if source == "hub":
         return load_hub_squad(on_bad_row)
     if source != "files":

@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Dict, Optional
 
-from kd import dist
 
 
 def setup_console_logging() -> None:

@@ -1,6 +1,5 @@
 """Fine-tuning through the shared engine: overfitting a handful of real rows, DDP, SQuAD files."""
 import json
-import os
 
 import pytest
 import torch

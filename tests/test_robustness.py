@@ -2,7 +2,6 @@
 import errno
 import json
 import logging
-import math
 import os
 import signal
 import subprocess

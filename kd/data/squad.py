@@ -8,7 +8,6 @@ windows of a question is mapped back to the context text through the tokenizer's
 """
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
@@ -31,7 +31,7 @@ demo-finetune: install
 	done
 
 demo-report: install
-	$(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
+	OMP_NUM_THREADS=$$(nproc) $(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
 	  --models checkpoints/demo-teacher/final checkpoints/demo/final checkpoints/demo-nokd/final
 
 test: install

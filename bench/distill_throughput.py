@@ -1,0 +1,411 @@
+"""Throughput of one complete distillation training step: kd's fast path against the naive recipe.
+
+Both variants run in this process, on the same weights, the same batch and the same device, and
+each timed step is a whole step: both forwards, the losses, backward, gradient clipping and AdamW.
+
+- ours:  DistillationStudent + kd.objective.distill_loss, SDPA attention, MLM heads only at the
+         masked positions, and on CUDA bf16 teacher weights, bf16 autocast and fused AdamW
+         (what ddp_main.py does by default);
+- naive: bench/naive_distiller.py (DistilBERT's recipe: eager attention, full-vocab logits
+         everywhere, masked_select KL over all positions, fp16 autocast on CUDA).
+
+Weights are random (right shapes, fixed seed): throughput does not depend on what they learned.
+
+    .venv/bin/python bench/distill_throughput.py --preset demo
+    .venv/bin/python bench/distill_throughput.py --preset bert-large --device cuda
+    .venv/bin/python bench/distill_throughput.py --preset demo --ddp-compare   # CPU, 2 gloo ranks
+
+The last line printed is `ours/naive tokens/s ratio: X.XX`.
+"""
+import argparse
+import ctypes
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM  # noqa: E402
+
+from bench.naive_distiller import NaiveDistiller, NaiveWeights, eager_copy  # noqa: E402
+from kd.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
+from kd.data.masking import MaskingSpec, mask_batch, num_predictions  # noqa: E402
+from kd.engine import autocast_for, build_optimizer  # noqa: E402
+from kd.models import DistillationStudent, build_student, default_hidden_map  # noqa: E402
+from kd.objective import distill_loss, make_plan  # noqa: E402
+
+VOCAB = 30522
+MASK_ID, SPECIAL_IDS = 103, (0, 100, 101, 102, 103)  # bert-base-uncased [PAD] [UNK] [CLS] [SEP] [MASK]
+
+
+@dataclass(frozen=True)
+class Preset:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    student_layers: int
+    seq_len: int
+    batch_cpu: int
+    batch_cuda: int
+    steps: int      # timed steps per variant (defaults chosen to finish in a few minutes)
+    warmup: int
+
+
+PRESETS = {
+    # for tests: seconds
+    "tiny": Preset(2, 64, 2, 256, 1, 32, 4, 4, steps=3, warmup=1),
+    # the offline demo: MiniLM-L6-H384-shaped teacher, 3 layers copied from it
+    "demo": Preset(6, 384, 12, 1536, 3, 128, 32, 32, steps=5, warmup=1),
+    # the design's target: BERT-large -> 6x1024, every 4th layer copied
+    "bert-large": Preset(24, 1024, 16, 4096, 6, 128, 4, 64, steps=5, warmup=2),
+}
+
+
+# ---- models and batch ----------------------------------------------------------------------
+
+def build_models(preset: Preset, device: torch.device):
+    """(ours teacher, ours student module, naive teacher, naive student), all with one set of weights."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=preset.hidden, num_hidden_layers=preset.layers,
+                        num_attention_heads=preset.heads, intermediate_size=preset.ffn,
+                        max_position_embeddings=max(512, preset.seq_len))
+    config._attn_implementation = "sdpa"
+    teacher = BertForMaskedLM(config)
+    student = build_student(StudentConfig(num_layers=preset.student_layers), teacher, VOCAB)
+    naive_teacher, naive_student = eager_copy(teacher), eager_copy(student)
+    pairs = default_hidden_map(preset.layers, preset.student_layers, include_embeddings=False)
+    module = DistillationStudent(student, pairs, teacher.config.hidden_size)
+    # as kd.models.load_teacher: frozen, eval, bf16 weights on CUDA
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = teacher.to(device=device, dtype=teacher_dtype).eval().requires_grad_(False)
+    return teacher, module.to(device).train(), naive_teacher.to(device), naive_student.to(device), pairs
+
+
+def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """Full blocks ([CLS] ... [SEP], no padding) masked by kd's own masking code."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(1000, VOCAB, (batch_size, seq_len), generator=gen)
+    blocks[:, 0], blocks[:, -1] = 101, 102
+    spec = MaskingSpec(mask_token_id=MASK_ID, vocab_size=VOCAB, special_ids=SPECIAL_IDS, seed=seed)
+    batch = mask_batch(list(blocks), list(range(batch_size)), spec, epoch=0)
+    batch.pop("block_indices")
+    return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---- the two steps ---------------------------------------------------------------------------
+
+class OursStep:
+    """Engine._train_step with grad_accum=1: autocast, distill_loss, backward, clip, AdamW."""
+
+    def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None):
+        self.train_cfg = TrainConfig()
+        self.module, self.teacher, self.device = module, teacher, device
+        self.wrapped = ddp_module if ddp_module is not None else module
+        self.plan = make_plan(LossConfig(), pairs)
+        self.optimizer = build_optimizer(module, self.train_cfg, device)
+        self.autocast = autocast_for(device, self.train_cfg.amp)
+
+    def step(self, batch: dict) -> torch.Tensor:
+        with self.autocast():
+            loss, _ = distill_loss(self.wrapped, self.teacher, batch, self.plan)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.train_cfg.clip_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+# ---- measurement -----------------------------------------------------------------------------
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _release_freed_heap() -> None:
+    """Give memory that freed tensors left in glibc's heap back to the OS, so the RSS before a
+    step is not inflated by the previous step (of either variant)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Highest RSS seen while a step runs, sampled every 2 ms from /proc/self/statm."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.available = _rss_bytes() is not None
+
+    def __enter__(self):
+        self.baseline = self.peak = _rss_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() or 0)
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.baseline
+
+
+def unique_bytes(*tensors_iters) -> int:
+    seen, total = set(), 0
+    for tensors in tensors_iters:
+        for t in tensors:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def resident_bytes(teacher, student, optimizer) -> int:
+    """Weights of both models (tied tensors once) plus the optimizer's state."""
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return unique_bytes(teacher.parameters(), teacher.buffers(), student.parameters(), student.buffers(), state)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(step: Callable[[dict], torch.Tensor], batch: dict, device: torch.device):
+    """(seconds, transient bytes: peak during the step above what was allocated before it)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        step(batch)
+        sync(device)
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - before
+    _release_freed_heap()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        step(batch)
+        seconds = time.perf_counter() - start
+    return seconds, rss.increase
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """Best of several large square matmuls: dense fp32 on CPU, bf16 on CUDA (the dtype ours uses)."""
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (2048, torch.float32, 6)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(reps + 2):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def forward_flops(layers: int, hidden: int, ffn: int, seq_len: int, tokens: int, predicted: int) -> float:
+    """Matmul FLOPs of a BERT MLM forward with the head at `predicted` positions only.
+
+    per token and layer: 2*(4*h^2 + 2*h*ffn) for Q,K,V,O and the FFN, plus 4*S*h for QK^T and AV;
+    per predicted position: 2*h^2 (head transform) + 2*h*V (decoder)."""
+    per_token_layer = 2 * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * seq_len * hidden
+    return tokens * layers * per_token_layer + predicted * (2 * hidden * hidden + 2 * hidden * VOCAB)
+
+
+def useful_flops(preset: Preset, batch_size: int) -> float:
+    """MFU numerator: teacher forward + 3 x student forward (forward + backward), heads at the
+    masked positions only; the same useful work for both variants, whatever they compute."""
+    tokens = batch_size * preset.seq_len
+    predicted = batch_size * num_predictions(preset.seq_len, 0.15)
+    teacher = forward_flops(preset.layers, preset.hidden, preset.ffn, preset.seq_len, tokens, predicted)
+    student = forward_flops(preset.student_layers, preset.hidden, preset.ffn, preset.seq_len, tokens, predicted)
+    return teacher + 3 * student
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: int, warmup: int) -> dict:
+    teacher, module, naive_teacher, naive_student, pairs = build_models(preset, device)
+    batch = to_device(make_batch(batch_size, preset.seq_len), device)
+    variants = {
+        "ours": OursStep(module, teacher, pairs, device),
+        "naive": NaiveDistiller(naive_student, naive_teacher, NaiveWeights.from_loss_config(LossConfig()), device,
+                                lr=TrainConfig().lr, weight_decay=TrainConfig().weight_decay,
+                                clip=TrainConfig().clip_grad_norm),
+    }
+    models = {"ours": (teacher, module), "naive": (naive_teacher, naive_student)}
+    for name, variant in variants.items():
+        for _ in range(warmup):
+            variant.step(batch)
+        sync(device)
+    times = {name: [] for name in variants}
+    transient = {name: 0 for name in variants}
+    # interleaved, so background load on a shared machine hits both variants alike
+    for _ in range(steps):
+        for name, variant in variants.items():
+            seconds, extra = timed_step(variant.step, batch, device)
+            times[name].append(seconds)
+            transient[name] = max(transient[name], extra)
+    flops = useful_flops(preset, batch_size)
+    tokens = batch_size * preset.seq_len
+    results = {}
+    for name, variant in variants.items():
+        step_s = statistics.median(times[name])
+        resident = resident_bytes(*models[name], variant.optimizer)
+        results[name] = {"tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
+                         "peak_mem_mb": (resident + transient[name]) / 2 ** 20, "mfu": None,
+                         "step_ms_all": [round(1000 * t, 1) for t in times[name]]}
+    return results, flops
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, preset_name: str, batch_size: int, steps: int,
+                warmup: int, result_path: str) -> None:
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        device = torch.device("cpu")
+        preset = PRESETS[preset_name]
+        teacher, module, _, _, pairs = build_models(preset, device)
+        per_rank = batch_size // world
+        full = make_batch(batch_size, preset.seq_len)
+        batch = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in full.items()}
+        step = OursStep(module, teacher, pairs, device, ddp_module=DDP(module, gradient_as_bucket_view=True))
+        for _ in range(warmup):
+            step.step(batch)
+        times = []
+        for _ in range(steps):
+            tdist.barrier()
+            start = time.perf_counter()
+            step.step(batch)
+            tdist.barrier()
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            with open(result_path, "w") as fh:
+                json.dump({"step_s": statistics.median(times)}, fh)
+    finally:
+        tdist.destroy_process_group()
+
+
+def ddp_compare(preset_name: str, batch_size: int, steps: int, warmup: int, single_step_s: float) -> dict:
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ddp.json")
+        mp.spawn(_ddp_worker, args=(2, _free_port(), preset_name, batch_size, steps, warmup, path), nprocs=2)
+        with open(path) as fh:
+            ddp_step_s = json.load(fh)["step_s"]
+    return {"single_process_threads": torch.get_num_threads(), "single_step_ms": 1000 * single_step_s,
+            "ddp_world_size": 2, "ddp_threads_per_rank": 1, "ddp_step_ms": 1000 * ddp_step_s,
+            "speedup": single_step_s / ddp_step_s}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out", default=os.path.join("logs", "bench"), help="folder for <preset>-<device>.json")
+    parser.add_argument("--ddp-compare", action="store_true",
+                        help="also time ours with 2 gloo processes (1 thread each) on the same global batch (CPU)")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    batch_size = args.batch_size or (preset.batch_cuda if device.type == "cuda" else preset.batch_cpu)
+    steps = args.steps if args.steps is not None else preset.steps
+    warmup = args.warmup if args.warmup is not None else preset.warmup
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1, --warmup >= 0")
+
+    print(f"preset {args.preset}: teacher {preset.layers}x{preset.hidden} ({preset.heads} heads, FFN {preset.ffn}), "
+          f"student {preset.student_layers}x{preset.hidden}, vocab {VOCAB}, seq {preset.seq_len}, batch {batch_size}, "
+          f"device {device} ({torch.get_num_threads()} threads), {warmup} warm-up + {steps} timed steps per variant",
+          flush=True)
+    peak = matmul_peak_flops(device)
+    print(f"dense matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'}, measured now): {peak / 1e12:.3f} TFLOP/s",
+          flush=True)
+    results, flops = run_benchmark(preset, batch_size, device, steps, warmup)
+    for name, r in results.items():
+        r["mfu"] = flops / (r["step_ms"] / 1000) / peak
+        print(f"{name:5s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
+              f"{r['step_ms_all']}) | peak mem {r['peak_mem_mb']:8.0f} MB | MFU {100 * r['mfu']:.1f}%")
+    mem_kind = ("max_memory_allocated during a step above the allocation before it" if device.type == "cuda" else
+                "peak RSS during a step (sampled every 2 ms) above the RSS before it, after malloc_trim")
+    print(f"peak mem = weights of its teacher + student + AdamW state + the largest transient ({mem_kind})")
+    print(f"MFU = (teacher fwd + 3 x student fwd) matmul FLOPs, MLM heads at the {num_predictions(preset.seq_len, 0.15)} "
+          f"masked positions only = {flops / 1e9:.1f} GFLOP per step, / step time / matmul peak")
+
+    report = {"preset": args.preset, "device": device.type, "batch_size": batch_size, "seq_len": preset.seq_len,
+              "variants": results, "ratio": results["ours"]["tokens_per_s"] / results["naive"]["tokens_per_s"],
+              "matmul_peak_tflops": peak / 1e12, "useful_gflop_per_step": flops / 1e9,
+              "peak_mem_method": mem_kind, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads()}
+
+    if args.ddp_compare:
+        if device.type != "cpu":
+            print("--ddp-compare measures gloo on CPU; skipped on", device)
+        elif batch_size % 2:
+            print("--ddp-compare needs an even batch size; skipped")
+        else:
+            print("DDP comparison (ours, CPU): 2 gloo processes with 1 thread each vs this process with "
+                  f"{torch.get_num_threads()} threads, same global batch {batch_size} ...", flush=True)
+            ddp = ddp_compare(args.preset, batch_size, steps, warmup, results["ours"]["step_ms"] / 1000)
+            report["ddp"] = ddp
+            print(f"  1 process x {ddp['single_process_threads']} threads: {ddp['single_step_ms']:.0f} ms/step | "
+                  f"2 processes x 1 thread: {ddp['ddp_step_ms']:.0f} ms/step | DDP speedup {ddp['speedup']:.2f}x")
+            print("  On a 2-core machine both set-ups use the same 2 cores: DDP only swaps intra-op threading "
+                  "for data parallelism and adds a gradient all-reduce, so ~1x (not >=1.6x) is what to expect.")
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.preset}-{device.type}.json")
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"wrote {path}")
+    print(f"ours/naive tokens/s ratio: {report['ratio']:.2f}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

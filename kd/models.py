@@ -23,6 +23,11 @@ OFFLINE_HINT = ("Use a local path, or the offline preset: --config configs/demo.
 
 def load_pretrained(cls, ref: str, what: str, **kwargs):
     path = resolve_model_ref(ref)
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # hub ids are "org/name"
+    if looks_local and not os.path.isdir(path):
+        raise KDError(f"{what} folder not found: {path}. " + (
+            "Create it first (for the demo: ddp_main.py --config configs/demo_teacher.yaml, or "
+            "`make demo`)." if "demo-teacher" in path else "Check the path."))
     if not os.path.isdir(path):
         prepare_hub_access()
     try:

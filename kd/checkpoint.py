@@ -87,6 +87,18 @@ def verify(folder: str) -> None:
             raise KDError(f"{path}: checksum mismatch (corrupt)")
 
 
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list:
+    """[(dotted key, saved value, current value)] for every leaf that differs, e.g. student.num_layers."""
+    diff = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff.extend(config_diff(old, new, f"{prefix}{key}."))
+        elif old != new:
+            diff.append((f"{prefix}{key}", old, new))
+    return diff
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep_last: int, config_fingerprint: dict):
         self.run_dir = run_dir
@@ -121,8 +133,8 @@ class Checkpointer:
                 with open(os.path.join(tmp, "state.json"), "w") as fh:
                     json.dump({**state, "config": self.fingerprint, "time": time.time()}, fh, indent=1)
                 self._finalise(tmp, final, name)
-            except OSError as err:  # disk full, permissions: keep the previous checkpoint intact
-                error = error or err
+            except (OSError, KDError) as err:  # disk full, permissions, a bad read-back: keep the
+                error = error or err                  # previous checkpoint intact (and `latest` on it)
                 shutil.rmtree(tmp, ignore_errors=True)
         errors = [error]
         if torch.distributed.is_initialized():
@@ -147,7 +159,11 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.run_dir)
-        verify(final)  # only a checkpoint that reads back intact becomes `latest`
+        try:
+            verify(final)  # only a checkpoint that reads back intact becomes `latest`
+        except KDError:
+            shutil.rmtree(final, ignore_errors=True)  # never resume from it; the previous one stays
+            raise
         write_text_atomic(os.path.join(self.run_dir, "latest"), name + "\n")
         self._prune(keep=name)
 
@@ -184,10 +200,11 @@ class Checkpointer:
         with open(os.path.join(folder, "state.json")) as fh:
             state = json.load(fh)
         if state.get("config") != self.fingerprint:
-            diff = sorted(k for k in set(state.get("config", {})) | set(self.fingerprint)
-                          if state.get("config", {}).get(k) != self.fingerprint.get(k))
-            raise KDError(f"checkpoint {folder} comes from another config (differs in: "
-                          f"{', '.join(diff)}). Use a new run_name, or train.resume=none to start over.")
+            diff = config_diff(state.get("config") or {}, self.fingerprint)
+            shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diff[:8])
+            raise KDError(f"checkpoint {folder} comes from another config (differs in: {shown}"
+                          f"{'; ...' if len(diff) > 8 else ''}). Use a new run_name, or "
+                          f"train.resume=none to start over.")
         load_model(model, os.path.join(folder, "model.safetensors"))
         optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
         sched = torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True)

@@ -45,10 +45,33 @@ def setup(requested_device: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                 device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        store = _restart_scoped_store(world_size, timeout)
+        kwargs = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        tdist.init_process_group(backend=backend, timeout=timeout,
+                                 device_id=device if device.type == "cuda" else None, **kwargs)
         control_group()  # collective: create it on every rank now, at the same point
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _restart_scoped_store(world_size: int, timeout: datetime.timedelta):
+    """The torchrun agent's store, scoped to this restart attempt; None to let torch decide.
+
+    torchrun (c10d rendezvous) keeps one TCPStore for the whole job and hands it to every worker
+    generation. After `--max-restarts` restarts the workers, the keys of the previous generation
+    (each rank's gloo/nccl address) are still there, and a fast rank reads the dead worker's
+    address and fails with "connection refused". Prefixing the keys with the restart count keeps
+    generations apart. That count is consistent only when all ranks share one agent (one node);
+    on several nodes we leave torch's default (set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 there).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != world_size:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return tdist.PrefixStore(f"kd/attempt_{attempt}", base)
 
 
 def teardown() -> None:

@@ -115,6 +115,10 @@ def load_corpus(data_cfg, seed: int = 0) -> Tuple[Docs, Docs]:
         train, val = split_documents(wiki_sample_articles(), data_cfg.validation_fraction, seed)
     else:
         train = [d for f in data_cfg.train_files for d in read_text_file(f, data_cfg.on_bad_bytes)]
+        if not any(d.strip() for d in train):  # before the split, whose message would mislead
+            raise KDError(f"the training corpus is empty: no text in data.train_files "
+                          f"{list(data_cfg.train_files)}. Point data.train_files at non-empty .txt or "
+                          f".jsonl files.")
         if data_cfg.validation_files:
             val = [d for f in data_cfg.validation_files for d in read_text_file(f, data_cfg.on_bad_bytes)]
         else:

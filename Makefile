@@ -31,7 +31,7 @@ demo-finetune: install
 	done
 
 demo-report: install
-	OMP_NUM_THREADS=$$(nproc) $(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
+	OMP_NUM_THREADS=$$(nproc --all) $(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
 	  --models checkpoints/demo-teacher/final checkpoints/demo/final checkpoints/demo-nokd/final
 
 test: install

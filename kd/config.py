@@ -89,6 +89,18 @@ class LossConfig:
     hidden_layer_map: Optional[List[List[int]]] = None  # [[student_idx, teacher_idx], ...], hidden_states indices
     hidden_include_embeddings: bool = False
     kd_loss_scale: Optional[float] = None  # if set, rescale KD terms to this multiple of the MLM loss
+    topk_mode: str = "renormalize"      # with teacher_cache.path: renormalize (over the k ids) | lse_tail
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Offline teacher: cache_teacher.py writes top-k teacher logits; ddp_main.py reads them."""
+    path: Optional[str] = None          # cache folder; set for training: KD from it, no teacher forward
+    epochs: int = 1                     # mask draws cached; training epoch E uses draw E mod epochs
+    topk: int = 64                      # teacher ids / log-probs kept per masked position
+    shard_blocks: int = 2048            # blocks per shard file
+    batch_size: Optional[int] = None    # generation batch; None: train.batch_size
+    verify: str = "once"                # once: sha256 each shard once, then trust unchanged files | always
 
 
 @dataclass
@@ -101,6 +113,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
@@ -118,7 +131,7 @@ def _all_keys(node: Any, prefix: str = "") -> List[str]:
 def _explain(err: OmegaConfBaseException, schema: Any, origin: str) -> KDError:
     """One-line message naming the bad key, with the closest valid keys."""
     key = getattr(err, "full_key", None) or ""
-    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]  # drop OmegaConf's detail lines
     valid = _all_keys(schema)
     hint = ""
     if key and key not in valid:
@@ -190,21 +203,8 @@ def check_choice(value: str, choices: List[str], key: str) -> None:
         raise KDError(f"{key}={value!r} is not one of {choices}")
 
 
-def validate_pretrain(cfg: PretrainConfig) -> None:
-    """Cross-field checks that the type system cannot express. Runs before any heavy work."""
+def validate_data_and_temperature(cfg: PretrainConfig) -> None:
     check_choice(cfg.data.source, ["hub", "text", "wiki_sample"], "data.source")
-    check_choice(cfg.loss.kd_positions, ["masked", "all"], "loss.kd_positions")
-    check_choice(cfg.loss.kd_direction, ["forward", "reverse"], "loss.kd_direction")
-    check_choice(cfg.loss.hidden_loss, ["mse", "cosine"], "loss.hidden_loss")
-    validate_train(cfg.train)
-    init = cfg.student.init
-    if not (init in ("teacher_layers", "random") or init.startswith("pretrained:")):
-        raise KDError(f"student.init={init!r}: use teacher_layers, random or pretrained:<path>")
-    needs_teacher = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or init == "teacher_layers"
-    if needs_teacher and not cfg.teacher.name:
-        raise KDError("teacher.name is not set, but KD losses or student.init=teacher_layers need a "
-                      "teacher. Set teacher.name, or set loss.alpha_kd=0 loss.alpha_hidden=0 and a "
-                      "non-teacher student.init for MLM-only training.")
     if cfg.data.source == "text" and not cfg.data.train_files:
         raise KDError("data.source=text needs data.train_files=[path.txt, ...]")
     if not 0 < cfg.data.mlm_probability < 1:
@@ -213,6 +213,29 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise KDError(f"data.seq_len={cfg.data.seq_len} is too short; use at least 8")
     if cfg.loss.temperature <= 0:
         raise KDError(f"loss.temperature={cfg.loss.temperature} must be > 0")
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Cross-field checks that the type system cannot express. Runs before any heavy work."""
+    check_choice(cfg.loss.kd_positions, ["masked", "all"], "loss.kd_positions")
+    check_choice(cfg.loss.kd_direction, ["forward", "reverse"], "loss.kd_direction")
+    check_choice(cfg.loss.hidden_loss, ["mse", "cosine"], "loss.hidden_loss")
+    check_choice(cfg.data.on_bad_bytes, ["skip", "error"], "data.on_bad_bytes")
+    validate_train(cfg.train)
+    init = cfg.student.init
+    if not (init in ("teacher_layers", "random") or init.startswith("pretrained:")):
+        raise KDError(f"student.init={init!r}: use teacher_layers, random or pretrained:<path>")
+    cached = validate_teacher_cache_use(cfg)
+    needs_teacher = (not cached and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0)) or init == "teacher_layers"
+    if cached and init == "teacher_layers" and not cfg.teacher.name:
+        raise KDError("student.init=teacher_layers copies the teacher's weights, so it needs teacher.name even "
+                      "with teacher_cache.path (the teacher is loaded for the init only, then freed). Set "
+                      "teacher.name to the cached teacher, or use student.init=random or pretrained:<path>.")
+    if needs_teacher and not cfg.teacher.name:
+        raise KDError("teacher.name is not set, but KD losses or student.init=teacher_layers need a "
+                      "teacher. Set teacher.name, or set loss.alpha_kd=0 loss.alpha_hidden=0 and a "
+                      "non-teacher student.init for MLM-only training.")
+    validate_data_and_temperature(cfg)
     if min(cfg.loss.alpha_mlm, cfg.loss.alpha_kd, cfg.loss.alpha_hidden) < 0:
         raise KDError("loss weights (loss.alpha_*) must be >= 0")
     if cfg.loss.alpha_mlm + cfg.loss.alpha_kd + cfg.loss.alpha_hidden == 0:
@@ -220,6 +243,43 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     if cfg.loss.kd_loss_scale is not None and cfg.loss.alpha_mlm == 0:
         raise KDError("loss.kd_loss_scale balances KD terms against the MLM loss, so it needs "
                       "loss.alpha_mlm > 0 (or unset loss.kd_loss_scale)")
+
+
+def validate_teacher_cache_use(cfg: PretrainConfig) -> bool:
+    """Training from a teacher cache: what a cache cannot give is refused here. True if one is used."""
+    check_choice(cfg.loss.topk_mode, ["renormalize", "lse_tail"], "loss.topk_mode")
+    check_choice(cfg.teacher_cache.verify, ["once", "always"], "teacher_cache.verify")
+    if not cfg.teacher_cache.path:
+        return False
+    if cfg.loss.alpha_hidden > 0:
+        raise KDError(f"loss.alpha_hidden={cfg.loss.alpha_hidden} but teacher_cache.path is set: hidden-state "
+                      f"losses need the teacher's hidden states, and a teacher cache holds only its top-k "
+                      f"logits. Set loss.alpha_hidden=0, or unset teacher_cache.path to run the teacher online.")
+    if cfg.loss.kd_positions != "masked":
+        raise KDError("loss.kd_positions=all needs the teacher at every position, but a teacher cache holds "
+                      "the masked positions only; use loss.kd_positions=masked, or unset teacher_cache.path.")
+    return cfg.loss.alpha_kd > 0
+
+
+def validate_cache_generation(cfg: PretrainConfig) -> None:
+    """Checks for cache_teacher.py, before anything heavy is loaded."""
+    check_choice(cfg.train.device, ["auto", "cpu", "cuda"], "train.device")
+    validate_data_and_temperature(cfg)
+    tc = cfg.teacher_cache
+    if not tc.path:
+        raise KDError(f"teacher_cache.path is not set: name the folder to write, e.g. "
+                      f"teacher_cache.path={cfg.data.cache_dir}/teacher-{cfg.run_name}")
+    if not cfg.teacher.name:
+        raise KDError("teacher.name is not set: cache_teacher.py runs the teacher, so it needs one")
+    for key in ("epochs", "topk", "shard_blocks"):
+        if getattr(tc, key) < 1:
+            raise KDError(f"teacher_cache.{key}={getattr(tc, key)} must be >= 1")
+    if (tc.batch_size or cfg.train.batch_size) < 1:
+        raise KDError("teacher_cache.batch_size must be >= 1")
+    if cfg.data.static_masks and tc.epochs > 1:
+        raise KDError(f"data.static_masks=true draws one mask per block for every epoch, so "
+                      f"teacher_cache.epochs={tc.epochs} would store identical copies; set "
+                      f"teacher_cache.epochs=1 or data.static_masks=false")
 
 
 def validate_train(train: TrainConfig) -> None:

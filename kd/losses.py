@@ -3,7 +3,9 @@
 Every function returns a scalar averaged over the positions it is given. Choices (DESIGN §2):
 - logit KD is `T^2 * KL`, as DistilBERT does, so gradients keep their scale across temperatures;
 - forward KL is KL(teacher || student) (mean-seeking), reverse is KL(student || teacher);
-- hidden-state losses ignore padding through the attention mask.
+- hidden-state losses ignore padding through the attention mask;
+- from an offline teacher cache, `topk_kl` compares against the teacher's top-k only (renormalised
+  over the k ids, or with the teacher's tail mass as a (k+1)-th bucket).
 """
 from typing import Dict, Optional
 
@@ -68,3 +70,53 @@ def combine_terms(terms: Dict[str, torch.Tensor], weights: Dict[str, float],
         ratio = (terms[lm_term].detach() * weights[lm_term]) / kd.detach().clamp_min(1e-8)
         kd = kd * (kd_loss_scale * ratio)
     return total + kd
+
+
+# Floor on the teacher's tail mass in lse_tail mode. The cached log-probs are fp16, so the top-k
+# mass is known to ~1e-6 at best; a smaller (or rounding-negative) tail is indistinguishable from 0.
+TAIL_FLOOR = 1e-6
+
+
+def topk_kl(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teacher_topk_logits: torch.Tensor,
+            teacher_lse: Optional[torch.Tensor] = None, mode: str = "renormalize", temperature: float = 1.0,
+            direction: str = "forward", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """T^2 * KL against a teacher known only by its top-k logits (an offline teacher cache).
+
+    student_logits (..., V): the student's full-vocabulary logits at the positions the teacher rows
+    describe; teacher_topk_ids / teacher_topk_logits (..., k): the teacher's k largest logits
+    (untempered); teacher_lse (...): logsumexp over the full vocabulary of teacher_logits / T.
+
+    mode="renormalize" (NeMo-Aligner): both distributions are renormalised over the teacher's k ids
+    and the rest of the vocabulary is ignored. Exact at any temperature.
+    mode="lse_tail": k + 1 buckets, the k ids and "everything else". The teacher's tail mass is
+    1 - sum of its top-k probabilities (known through teacher_lse), the student's is its own mass
+    outside the same k ids; with k = V this is kl_div_logits. teacher_lse must be taken at the
+    same temperature.
+    """
+    ids = teacher_topk_ids.long()
+    s_scaled = student_logits.float() / temperature
+    s_topk = s_scaled.gather(-1, ids)
+    t_topk = teacher_topk_logits.float() / temperature
+    if mode == "renormalize":
+        s_logp = F.log_softmax(s_topk, dim=-1)
+        t_logp = F.log_softmax(t_topk, dim=-1)
+    elif mode == "lse_tail":
+        if teacher_lse is None:
+            raise ValueError("topk_kl(mode='lse_tail') needs teacher_lse")
+        s_lse = s_scaled.logsumexp(-1, keepdim=True)
+        s_tail = s_scaled.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+        s_logp = torch.cat([s_topk, s_tail], -1) - s_lse
+        t_head = t_topk - teacher_lse.float().unsqueeze(-1)
+        head_mass = t_head.logsumexp(-1, keepdim=True).clamp_max(0.0)
+        t_tail = torch.log((-torch.expm1(head_mass)).clamp_min(TAIL_FLOOR))
+        t_logp = torch.cat([t_head, t_tail], -1)
+        t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)  # absorbs the rounding of stored values
+    else:
+        raise ValueError(f"mode must be renormalize or lse_tail, got {mode!r}")
+    if direction == "forward":
+        per_position = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    elif direction == "reverse":
+        per_position = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    else:
+        raise ValueError(f"direction must be forward or reverse, got {direction!r}")
+    return temperature ** 2 * _masked_mean(per_position, mask)

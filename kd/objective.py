@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from kd import dist
-from kd.losses import HIDDEN_LOSSES, combine_terms, kl_div_logits, mlm_cross_entropy
+from kd.losses import HIDDEN_LOSSES, combine_terms, kl_div_logits, mlm_cross_entropy, topk_kl
 from kd.models import mlm_forward
 
 
 @dataclass
 class DistillPlan:
-    """What the step computes, derived once from the config."""
+    """What the step computes, derived once from the config.
+
+    use_teacher: a live teacher runs in the step; from_cache: kd_kl comes from the teacher's cached
+    top-k rows in the batch (kd.teacher_cache), and there is no teacher forward."""
     use_teacher: bool
     hidden_pairs: List[Tuple[int, int]]
     weights: Dict[str, float]
@@ -21,6 +24,8 @@ class DistillPlan:
     kd_positions: str = "masked"
     kd_direction: str = "forward"
     kd_loss_scale: Optional[float] = None
+    from_cache: bool = False
+    topk_mode: str = "renormalize"
 
     @property
     def hidden_prefix(self) -> str:
@@ -30,13 +35,15 @@ class DistillPlan:
         return f"{self.hidden_prefix}_{s_idx}_{t_idx}"
 
 
-def make_plan(loss_cfg, hidden_pairs: List[Tuple[int, int]]) -> DistillPlan:
+def make_plan(loss_cfg, hidden_pairs: List[Tuple[int, int]], from_cache: bool = False) -> DistillPlan:
     use_kd = loss_cfg.alpha_kd > 0
-    pairs = list(hidden_pairs) if loss_cfg.alpha_hidden > 0 else []
-    plan = DistillPlan(use_teacher=use_kd or bool(pairs), hidden_pairs=pairs, weights={},
+    # a cache holds no hidden states (config validation refuses alpha_hidden > 0 with one)
+    pairs = list(hidden_pairs) if loss_cfg.alpha_hidden > 0 and not from_cache else []
+    plan = DistillPlan(use_teacher=(use_kd or bool(pairs)) and not from_cache, hidden_pairs=pairs, weights={},
                        hidden_loss=loss_cfg.hidden_loss, temperature=loss_cfg.temperature,
                        kd_positions=loss_cfg.kd_positions, kd_direction=loss_cfg.kd_direction,
-                       kd_loss_scale=loss_cfg.kd_loss_scale)
+                       kd_loss_scale=loss_cfg.kd_loss_scale, from_cache=from_cache and use_kd,
+                       topk_mode=getattr(loss_cfg, "topk_mode", "renormalize"))
     plan.weights["mlm_ce"] = loss_cfg.alpha_mlm
     if use_kd:
         plan.weights["kd_kl"] = loss_cfg.alpha_kd
@@ -71,6 +78,9 @@ def distill_terms(model: nn.Module, teacher: Optional[nn.Module], batch: dict, p
         for (s_idx, t_idx), s_h in zip(plan.hidden_pairs, s_hidden):
             terms[plan.hidden_term(s_idx, t_idx)] = hidden_fn(s_h, t_hidden[t_idx])
         t_masked = t_logits if head_positions is not None else _masked_subset(t_logits, positions)
+    elif plan.from_cache and "kd_kl" in plan.weights:  # rows looked up by block index in the collate
+        terms["kd_kl"] = topk_kl(s_masked, batch["teacher_topk_ids"], batch["teacher_topk_logits"],
+                                 batch["teacher_lse"], plan.topk_mode, plan.temperature, plan.kd_direction)
     return terms, s_masked, t_masked
 
 
@@ -98,6 +108,8 @@ def evaluate_mlm(model: nn.Module, teacher: Optional[nn.Module], batches, plan: 
         sums[2] += (predicted == batch["mlm_labels"]).sum()
         if t_masked is not None:
             sums[3] += (predicted == t_masked.argmax(-1)).sum()
+        elif "teacher_topk_ids" in batch:  # cached top-1 is the teacher's argmax
+            sums[3] += (predicted == batch["teacher_topk_ids"][..., 0]).sum()
         sums[4] += n
         n_batches += 1
     model.train()
@@ -106,6 +118,6 @@ def evaluate_mlm(model: nn.Module, teacher: Optional[nn.Module], batches, plan: 
     metrics = {"eval/loss": float(sums[0]) / n, "eval/mlm_ce": float(sums[1]) / n,
                "eval/masked_accuracy": 100.0 * float(sums[2]) / n}
     metrics["eval/perplexity"] = float(torch.exp(torch.tensor(metrics["eval/mlm_ce"])))
-    if plan.use_teacher and teacher is not None:
+    if (plan.use_teacher and teacher is not None) or plan.from_cache:
         metrics["eval/teacher_agreement"] = 100.0 * float(sums[3]) / n
     return metrics

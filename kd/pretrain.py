@@ -18,6 +18,7 @@ from kd.logger import setup_console_logging, write_json
 from kd.models import (DistillationStudent, build_student, count_parameters, default_hidden_map,
                        load_teacher, load_tokenizer)
 from kd.objective import distill_loss, evaluate_mlm, make_plan
+from kd.teacher_cache import TOKENIZER_DIR, CachedTeacherCollate, open_for_training
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def tokenizer_ref(cfg) -> str:
         return cfg.teacher.name
     if cfg.student.init.startswith("pretrained:"):
         return cfg.student.init.split(":", 1)[1]
+    if cfg.teacher_cache.path:  # cache_teacher.py saves the teacher's tokenizer with the cache
+        return os.path.join(cfg.teacher_cache.path, TOKENIZER_DIR)
     raise KDError("no tokenizer: set data.tokenizer (or teacher.name, or student.init=pretrained:<path>)")
 
 
@@ -73,7 +76,14 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     log.info("run %s on %s x%d", cfg.run_name, info.device, info.world_size)
 
     tokenizer = load_tokenizer(tokenizer_ref(cfg))
-    plan_needs_teacher = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0
+    # Offline teacher: KD from cached top-k rows; a teacher named in the config is loaded only for
+    # a teacher_layers init, and freed with the other no-KD-forward cases below.
+    cache = None
+    if cfg.teacher_cache.path and cfg.loss.alpha_kd > 0:
+        cache = open_for_training(cfg, tokenizer, cfg.teacher.name)
+    elif cfg.teacher_cache.path:
+        log.info("loss.alpha_kd=0: teacher_cache.path is not used")
+    plan_needs_teacher = (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0) and cache is None
     teacher = None
     if plan_needs_teacher or cfg.student.init == "teacher_layers":
         teacher = load_teacher(cfg.teacher, info.device)
@@ -84,9 +94,9 @@ def _run(cfg, info: dist.DistInfo) -> dict:
                       f"({student.config.max_position_embeddings}); lower data.seq_len")
     num_teacher = teacher.config.num_hidden_layers if teacher is not None else None
     pairs = hidden_pairs_for(cfg, num_teacher, student.config.num_hidden_layers)
-    plan = make_plan(cfg.loss, pairs)
+    plan = make_plan(cfg.loss, pairs, from_cache=cache is not None)
     if not plan.use_teacher:
-        teacher = None  # only needed for the initial weights: free it (no-KD baseline)
+        teacher = None  # only needed for the initial weights: free it (no-KD baseline, teacher cache)
     module = DistillationStudent(student, plan.hidden_pairs,
                                  teacher.config.hidden_size if teacher is not None else None)
     log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
@@ -96,10 +106,15 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
              cfg.data.seq_len)
     collate = MLMCollate(masking_spec_for(tokenizer, cfg.data))
+    eval_collate = MLMCollate(masking_spec_for(tokenizer, cfg.data, static=True))
+    if cache is not None:
+        cache.check_blocks(cfg, {"train": train_blocks, "validation": val_blocks})
+        cache.verify(cfg.teacher_cache.verify, info.rank, info.world_size)
+        collate = CachedTeacherCollate(masking_spec_for(tokenizer, cfg.data), cache, "train")
+        eval_collate = CachedTeacherCollate(masking_spec_for(tokenizer, cfg.data, static=True), cache, "validation")
     loader = make_loader(IndexedBlocks(train_blocks), cfg.train.batch_size, collate, info.rank,
                          info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers,
                          pin_memory=info.device.type == "cuda")
-    eval_collate = MLMCollate(masking_spec_for(tokenizer, cfg.data, static=True))
     val_set = IndexedBlocks(val_blocks)
     if len(val_set) < cfg.train.batch_size * info.world_size:
         raise KDError(f"the validation split has {len(val_set)} blocks, fewer than one global batch "
@@ -120,6 +135,8 @@ def _run(cfg, info: dist.DistInfo) -> dict:
 
     fingerprint = {"student": to_dict(cfg.student), "teacher": cfg.teacher.name,
                    "seq_len": cfg.data.seq_len, "hidden_pairs": [list(p) for p in plan.hidden_pairs]}
+    if cache is not None:  # a run resumes only onto the same cached teacher rows
+        fingerprint["teacher_cache"] = cache.content_id
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint)
     trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
@@ -131,6 +148,7 @@ def _run(cfg, info: dist.DistInfo) -> dict:
             "kind": "pretrain", "run_name": cfg.run_name, "num_parameters": count_parameters(student),
             "device": str(info.device), "world_size": info.world_size, "export_dir": export_dir,
             "teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len,
+            **({"teacher_cache": cfg.teacher_cache.path} if cache is not None else {}),
             "global_batch": cfg.train.batch_size * cfg.train.grad_accum * info.world_size})
     trainer.maybe_resume()
     metrics = trainer.fit()

@@ -74,6 +74,15 @@ def _restart_scoped_store(world_size: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"kd/attempt_{attempt}", base)
 
 
+def run_in_process_group(requested_device: str, fn: Callable[[DistInfo], T]) -> T:
+    """Set up the process group, run `fn(info)`, and always tear the group down."""
+    info = setup(requested_device)
+    try:
+        return fn(info)
+    finally:
+        teardown()
+
+
 def teardown() -> None:
     global _CONTROL_GROUP
     if tdist.is_initialized():

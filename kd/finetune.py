@@ -230,11 +230,7 @@ class SquadTask:
 # ---- the run --------------------------------------------------------------------------------
 def run_finetuning(cfg) -> dict:
     validate_finetune(cfg)
-    info = dist.setup(cfg.train.device)
-    try:
-        return _run(cfg, info)
-    finally:
-        dist.teardown()
+    return dist.run_in_process_group(cfg.train.device, lambda info: _run(cfg, info))
 
 
 def _run(cfg, info) -> dict:

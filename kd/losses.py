@@ -25,6 +25,12 @@ def kl_div_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """T^2 * KL between temperature-softened distributions over the last dim, mean over positions."""
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _scaled_kl(s_logp, t_logp, temperature, direction, mask)
+
+
+def _scaled_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, temperature: float, direction: str,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """T^2 * KL from log-probabilities over the last dim, mean over (unmasked) positions."""
     if direction == "forward":
         per_position = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     elif direction == "reverse":
@@ -113,10 +119,4 @@ def topk_kl(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teache
         t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)  # absorbs the rounding of stored values
     else:
         raise ValueError(f"mode must be renormalize or lse_tail, got {mode!r}")
-    if direction == "forward":
-        per_position = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    elif direction == "reverse":
-        per_position = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
-    else:
-        raise ValueError(f"direction must be forward or reverse, got {direction!r}")
-    return temperature ** 2 * _masked_mean(per_position, mask)
+    return _scaled_kl(s_logp, t_logp, temperature, direction, mask)

@@ -60,11 +60,7 @@ def check_compatible(cfg, tokenizer, teacher) -> None:
 
 def run_pretraining(cfg) -> dict:
     validate_pretrain(cfg)
-    info = dist.setup(cfg.train.device)
-    try:
-        return _run(cfg, info)
-    finally:
-        dist.teardown()
+    return dist.run_in_process_group(cfg.train.device, lambda info: _run(cfg, info))
 
 
 def _run(cfg, info: dist.DistInfo) -> dict:

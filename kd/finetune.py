@@ -22,7 +22,7 @@ from kd.config import TrainConfig, check_choice, to_dict, to_yaml, validate_trai
 from kd.data.loader import make_loader
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
-from kd.logger import setup_console_logging, write_json
+from kd.logger import setup_console_logging, write_json, write_run_files
 from kd.losses import kl_div_logits
 from kd.models import count_parameters, load_pretrained, load_tokenizer
 
@@ -271,10 +271,7 @@ def _run(cfg, info) -> dict:
     trainer = Trainer(cfg.train, info, model, lambda m, b: task.loss(m, teacher, b, cfg.distill),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "config.yaml"), "w") as fh:
-            fh.write(to_yaml(cfg))
-        write_json(os.path.join(log_dir, "run.json"), {
+        write_run_files(log_dir, to_yaml(cfg), {
             "kind": "finetune", "run_name": cfg.run_name, "task": task.task_name, "model": cfg.model,
             "num_parameters": count_parameters(model), "device": str(info.device),
             "world_size": info.world_size, "export_dir": export_dir})

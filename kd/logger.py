@@ -84,6 +84,14 @@ class RunLogger:
             self.writer.close()
 
 
+def write_run_files(log_dir: str, config_yaml: str, run_info: dict) -> None:
+    """The resolved config and run.json (what compare_benchmarks.py reads) in logs/<run_name>/."""
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "config.yaml"), "w") as fh:
+        fh.write(config_yaml)
+    write_json(os.path.join(log_dir, "run.json"), run_info)
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"

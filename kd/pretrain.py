@@ -14,7 +14,7 @@ from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.masking import masking_spec_for
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
-from kd.logger import setup_console_logging, write_json
+from kd.logger import setup_console_logging, write_run_files
 from kd.models import (DistillationStudent, build_student, count_parameters, default_hidden_map,
                        load_teacher, load_tokenizer)
 from kd.objective import distill_loss, evaluate_mlm, make_plan
@@ -137,10 +137,7 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "config.yaml"), "w") as fh:
-            fh.write(to_yaml(cfg))
-        write_json(os.path.join(log_dir, "run.json"), {
+        write_run_files(log_dir, to_yaml(cfg), {
             "kind": "pretrain", "run_name": cfg.run_name, "num_parameters": count_parameters(student),
             "device": str(info.device), "world_size": info.world_size, "export_dir": export_dir,
             "teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len,

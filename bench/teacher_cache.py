@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
+from bench.distill_throughput import PRESETS, Preset, forward_flops, sync  # noqa: E402  (shared shapes)
 from kd import dist  # noqa: E402
 from kd.config import LossConfig, PretrainConfig, StudentConfig, TrainConfig, load_config  # noqa: E402
 from kd.data.loader import MLMCollate  # noqa: E402
@@ -46,32 +46,6 @@ from kd.engine import autocast_for, build_optimizer  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map, load_tokenizer  # noqa: E402
 from kd.objective import distill_loss, make_plan  # noqa: E402
 from kd.teacher_cache import CachedTeacherCollate, TeacherCache, bytes_per_position, generate  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Preset:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    student_layers: int
-    seq_len: int
-    batch_cpu: int
-    batch_cuda: int
-    steps: int
-    warmup: int
-
-
-PRESETS = {
-    "tiny": Preset(2, 64, 2, 256, 1, 32, 4, 4, steps=3, warmup=1),                 # for tests: seconds
-    "demo": Preset(6, 384, 12, 1536, 3, 128, 32, 32, steps=5, warmup=1),           # MiniLM-L6-H384 -> 3 layers
-    "bert-large": Preset(24, 1024, 16, 4096, 6, 128, 4, 64, steps=3, warmup=1),    # the design's target
-}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Step:
@@ -94,12 +68,10 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def teacher_gflop_per_block(preset: Preset, vocab: int) -> float:
+def teacher_gflop_per_block(preset: Preset) -> float:
     """Matmul FLOPs of the teacher forward for one block, head at the masked positions only."""
-    per_token = preset.layers * (2 * (4 * preset.hidden ** 2 + 2 * preset.hidden * preset.ffn)
-                                 + 4 * preset.seq_len * preset.hidden)
-    head = num_predictions(preset.seq_len, 0.15) * (2 * preset.hidden ** 2 + 2 * preset.hidden * vocab)
-    return (preset.seq_len * per_token + head) / 1e9
+    return forward_flops(preset.layers, preset.hidden, preset.ffn, preset.seq_len, preset.seq_len,
+                         num_predictions(preset.seq_len, 0.15)) / 1e9
 
 
 def param_bytes(module) -> int:
@@ -190,13 +162,13 @@ def run(args, preset: Preset, device: torch.device, batch_size: int) -> dict:
         "bytes_stored_per_block_measured": stored / gen_blocks,
         "generation": {"blocks": gen_blocks, "seconds": gen_s, "blocks_per_s": blocks_per_s,
                        "tokens_per_s": blocks_per_s * preset.seq_len,
-                       "teacher_gflop_per_block": teacher_gflop_per_block(preset, vocab)},
+                       "teacher_gflop_per_block": teacher_gflop_per_block(preset)},
         "wikitext103": {"corpus_tokens": args.corpus_tokens, "blocks_per_epoch": wt_blocks,
                         "cache_bytes_per_epoch": wt_blocks * predictions * per_position,
                         "generation_hours_per_epoch": wt_blocks / blocks_per_s / 3600,
                         "assumed_tflops": args.assume_tflops,
                         "generation_hours_per_epoch_at_assumed_tflops":
-                            wt_blocks * teacher_gflop_per_block(preset, vocab) / (args.assume_tflops * 1e3) / 3600},
+                            wt_blocks * teacher_gflop_per_block(preset) / (args.assume_tflops * 1e3) / 3600},
         "steps": args.steps, "warmup": args.warmup,
     }
     return report

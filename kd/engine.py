@@ -9,7 +9,7 @@ import logging
 import math
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
@@ -32,7 +32,6 @@ class LoopState:
     samples_in_epoch: int = 0    # per rank, so the sampler can skip them on resume
     tokens_seen: int = 0         # global
     skipped_steps: int = 0       # steps dropped for a non-finite loss or gradient
-    history: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
@@ -176,7 +175,7 @@ class Trainer:
                 yield False, batch
             yield True, None
 
-    def _train_step(self, micro_batches) -> Dict[str, torch.Tensor]:
+    def _train_step(self, micro_batches) -> Optional[Dict[str, torch.Tensor]]:
         cfg = self.cfg
         terms_sum: Dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
@@ -217,7 +216,6 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.epoch, "tokens_seen": self.state.tokens_seen,
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9)}
         record.update({("train/" + n if n != "grad_norm" else "grad_norm"): v for n, v in zip(names, values)})
-        self.state.history.update(record)
         terms = " ".join(f"{n} {v:.4f}" for n, v in zip(names, values) if n not in ("loss", "grad_norm"))
         self.logger.write(record, console=(
             f"step {self.state.step}/{self.total_steps} | loss {record['train/loss']:.4f} | {terms} | "
@@ -232,7 +230,6 @@ class Trainer:
         self.last_eval = (self.state.step, metrics)
         record = {"step": self.state.step, "epoch": self.state.epoch, "tokens_seen": self.state.tokens_seen,
                   **metrics}
-        self.state.history.update(record)
         self.logger.write(record, console="eval  step {} | ".format(self.state.step) + " | ".join(
             f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()))
         return metrics

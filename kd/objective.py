@@ -43,7 +43,7 @@ def make_plan(loss_cfg, hidden_pairs: List[Tuple[int, int]], from_cache: bool = 
                        hidden_loss=loss_cfg.hidden_loss, temperature=loss_cfg.temperature,
                        kd_positions=loss_cfg.kd_positions, kd_direction=loss_cfg.kd_direction,
                        kd_loss_scale=loss_cfg.kd_loss_scale, from_cache=from_cache and use_kd,
-                       topk_mode=getattr(loss_cfg, "topk_mode", "renormalize"))
+                       topk_mode=loss_cfg.topk_mode)
     plan.weights["mlm_ce"] = loss_cfg.alpha_mlm
     if use_kd:
         plan.weights["kd_kl"] = loss_cfg.alpha_kd
@@ -95,7 +95,6 @@ def evaluate_mlm(model: nn.Module, teacher: Optional[nn.Module], batches, plan: 
     """Held-out masked-LM metrics on fixed (static-mask) batches, summed over ranks."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, correct, agree, n
-    n_batches = 0
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast():
@@ -103,15 +102,14 @@ def evaluate_mlm(model: nn.Module, teacher: Optional[nn.Module], batches, plan: 
             loss = combine_terms(terms, plan.weights, plan.kd_loss_scale)
         predicted = s_masked.argmax(-1)
         n = batch["mlm_labels"].numel()
-        sums[0] += float(loss) * n
-        sums[1] += float(terms["mlm_ce"]) * n
+        sums[0] += loss.double() * n  # tensors: one host sync per evaluation, not per batch
+        sums[1] += terms["mlm_ce"].double() * n
         sums[2] += (predicted == batch["mlm_labels"]).sum()
         if t_masked is not None:
             sums[3] += (predicted == t_masked.argmax(-1)).sum()
         elif "teacher_topk_ids" in batch:  # cached top-1 is the teacher's argmax
             sums[3] += (predicted == batch["teacher_topk_ids"][..., 0]).sum()
         sums[4] += n
-        n_batches += 1
     model.train()
     sums = dist.all_reduce_sum(sums)
     n = max(float(sums[4]), 1.0)

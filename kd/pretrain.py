@@ -101,13 +101,14 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.train.seed)
     log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
              cfg.data.seq_len)
-    collate = MLMCollate(masking_spec_for(tokenizer, cfg.data))
-    eval_collate = MLMCollate(masking_spec_for(tokenizer, cfg.data, static=True))
+    train_spec = masking_spec_for(tokenizer, cfg.data)
+    eval_spec = masking_spec_for(tokenizer, cfg.data, static=True)  # the same masks at every eval
+    collate, eval_collate = MLMCollate(train_spec), MLMCollate(eval_spec)
     if cache is not None:
         cache.check_blocks(cfg, {"train": train_blocks, "validation": val_blocks})
         cache.verify(cfg.teacher_cache.verify, info.rank, info.world_size)
-        collate = CachedTeacherCollate(masking_spec_for(tokenizer, cfg.data), cache, "train")
-        eval_collate = CachedTeacherCollate(masking_spec_for(tokenizer, cfg.data, static=True), cache, "validation")
+        collate = CachedTeacherCollate(train_spec, cache, "train")
+        eval_collate = CachedTeacherCollate(eval_spec, cache, "validation")
     loader = make_loader(IndexedBlocks(train_blocks), cfg.train.batch_size, collate, info.rank,
                          info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers,
                          pin_memory=info.device.type == "cuda")

@@ -6,7 +6,7 @@ TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment clean
+.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers clean
 
 $(VENV)/.installed: requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ demo-finetune: install
 demo-report: install
 	OMP_NUM_THREADS=$$(nproc --all) $(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
 	  --models checkpoints/demo-teacher/final checkpoints/demo/final checkpoints/demo-nokd/final
+
+# The offline study (README "Results"): about an hour on 2 cores; rerun to resume.
+experiment: install
+	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC)
+
+# The same study plus the lever runs listed under `levers:` in configs/experiment.yaml.
+experiment-levers: install
+	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC) run_levers=true
 
 test: install
 	$(PY) -m pytest -q tests

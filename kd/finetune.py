@@ -4,6 +4,7 @@ It reuses the pretraining engine: the task supplies a model, a loss function, a 
 evaluation callback; DDP, AMP, logging, checkpoints and resume come from `kd.engine`.
 """
 import itertools
+from collections import Counter
 import logging
 import os
 import time
@@ -100,6 +101,12 @@ class ClassificationTask:
         self.task_name = cfg.task if d.source in ("hub", "files") else f"sentiment-{d.source}"
         if d.source == "pang-lee":
             self.task_name = "pang-lee"
+
+    def majority_class_pct(self) -> Dict[str, float]:
+        """Accuracy of always answering the train split's most common label: the floor to beat."""
+        majority = Counter(r.label for r in self.data.splits["train"]).most_common(1)[0][0]
+        return {name: 100.0 * sum(r.label == majority for r in rows) / len(rows)
+                for name, rows in self.data.splits.items() if rows}
 
     def build_model(self, ref: str, what: str):
         return _load_model(AutoModelForSequenceClassification, ref, what, num_labels=self.num_labels)
@@ -291,6 +298,8 @@ def _run(cfg, info) -> dict:
                "skipped_rows": task.data.skipped, "task_teacher": cfg.distill.teacher,
                "wall_time_s": round(time.time() - started, 1), "device": str(info.device),
                "world_size": info.world_size}
+    if isinstance(task, ClassificationTask):
+        payload["majority_class_pct"] = task.majority_class_pct()
     if info.is_main:
         write_json(os.path.join(log_dir, "results.json"), payload)
         log.info("results: %s -> %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()),

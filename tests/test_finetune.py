@@ -43,6 +43,7 @@ def test_tiny_model_overfits_a_handful_of_rows(tmp_path, tiny_teacher_dir, senti
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     saved = json.loads((tmp_path / "logs" / "overfit" / "results.json").read_text())
     assert saved["task"] == "sst2" and saved["num_parameters"] > 0 and saved["wall_time_s"] > 0
+    assert saved["majority_class_pct"] == {"train": 50.0, "validation": 50.0}  # 4 positive, 4 negative rows
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt" / "overfit" / "final")
     assert model.config.num_labels == 2

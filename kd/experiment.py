@@ -1,8 +1,9 @@
 """The offline study as a resumable pipeline of ordinary runs (configs/experiment.yaml).
 
 Each stage is one `torchrun ddp_main.py` or `torchrun finetuneit.py` command. A stage counts as
-done when its output exists (a pretraining run's export, a fine-tune's results.json) *and* it was
-produced by the same command: logs/<name>/stages.json records each finished command. So a rerun
+done when its output exists (a pretraining run's export, a fine-tune's results.json) *and* the run's
+saved config.yaml equals the config it would run with now; logs/<name>/stages.json records each
+stage's command, process count and minutes. So a rerun
 after an interruption skips what finished, and an interrupted pretraining run resumes from its own
 last checkpoint. Stage output goes to logs/<name>/<run>.out; this driver prints one line per stage,
 which is what a `nohup` log should hold.
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from kd.config import load_config
+from omegaconf import OmegaConf
+
+from kd.config import load_config, to_dict
 from kd.errors import KDError
 from kd.logger import write_json
 
@@ -57,12 +60,22 @@ class ExperimentConfig:
 class Stage:
     run: str
     kind: str                           # pretrain | finetune | lever
-    argv: List[str]                     # script and its arguments (torchrun is added when run)
+    argv: List[str]                     # script, --config PRESET, overrides (torchrun is added when run)
     output: Path                        # exists once the stage has finished
+    log_dir: Path                       # where the run writes config.yaml, metrics.jsonl, ...
+    checkpoint_dir: Path                # its checkpoints and export
 
     @property
     def script(self) -> str:
         return self.argv[0]
+
+    def resolve(self):
+        """The config the run will resolve to, as the script itself resolves it."""
+        if self.script == "finetuneit.py":
+            from kd.finetune import FinetuneConfig as schema
+        else:
+            from kd.config import PretrainConfig as schema
+        return load_config(schema, self.argv[2], self.argv[3:])
 
 
 def load_experiment(path: str, overrides: List[str]) -> ExperimentConfig:
@@ -104,7 +117,8 @@ def plan(cfg: ExperimentConfig) -> List[Stage]:
         argv = ["ddp_main.py", "--config", spec.config, f"run_name={run}", *dirs, *teacher,
                 *cfg.pretrain_overrides, *spec.overrides]
         known.append(run)
-        return Stage(run, kind, argv, export_dir(cfg, run) / "config.json")
+        return Stage(run, kind, argv, export_dir(cfg, run) / "config.json", log_dir(cfg) / run,
+                     export_dir(cfg, run).parent)
 
     for run, spec in cfg.pretrain.items():
         stages.append(pretrain_stage(run, spec, "pretrain"))
@@ -117,7 +131,8 @@ def plan(cfg: ExperimentConfig) -> List[Stage]:
             run = finetune_run(model, seed)
             argv = ["finetuneit.py", "--config", ft.config, f"run_name={run}", *dirs,
                     f"model={export_dir(cfg, model)}", f"train.seed={seed}", *ft.overrides]
-            stages.append(Stage(run, "finetune", argv, log_dir(cfg) / run / "results.json"))
+            stages.append(Stage(run, "finetune", argv, log_dir(cfg) / run / "results.json", log_dir(cfg) / run,
+                                export_dir(cfg, run).parent))
     if cfg.run_levers:
         for run, spec in cfg.levers.items():
             if run in cfg.pretrain:
@@ -140,13 +155,24 @@ class StageRecord:
         self.stages = json.loads(path.read_text()) if path.is_file() else {}
 
     def check_unchanged(self, stage: Stage, nproc: int) -> None:
-        entry = self.stages.get(stage.run, {})
-        seen = [f"nproc={entry.get('nproc')}", *entry["argv"]] if "argv" in entry else None
-        now = [f"nproc={nproc}", *stage.argv]
-        if seen is not None and seen != now:
-            raise KDError(f"stage {stage.run} already finished with another command:\n  was: {' '.join(seen)}\n"
-                          f"  now: {' '.join(now)}\nRestore the setting, or delete {stage.output.parent} "
-                          f"and its log folder to run it again (and the stages that use it).")
+        """A finished stage is kept only if it ran with the config it would run with now (the
+        resolved config, so an edited preset counts as well as an edited override) and as many
+        processes (they set the global batch)."""
+        from kd.checkpoint import config_diff
+
+        saved_yaml = stage.log_dir / "config.yaml"
+        if not saved_yaml.is_file():
+            raise KDError(f"stage {stage.run} has its output {stage.output} but no {saved_yaml}, so its settings "
+                          f"cannot be checked; delete {stage.log_dir} and {stage.checkpoint_dir} to run it again")
+        diff = config_diff(to_dict(OmegaConf.load(saved_yaml)), to_dict(stage.resolve()))
+        was = self.stages.get(stage.run, {}).get("nproc")
+        if was is not None and was != nproc:
+            diff.append(("nproc", was, nproc))
+        if diff:
+            changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diff)
+            raise KDError(f"stage {stage.run} already finished with other settings ({changes}). Restore them, or "
+                          f"delete {stage.log_dir} and {stage.checkpoint_dir} to run it again (and the stages "
+                          f"that use it).")
 
     def add_minutes(self, stage: Stage, nproc: int, minutes: float, finished: bool) -> None:
         entry = self.stages.setdefault(stage.run, {"kind": stage.kind, "minutes": 0.0})
@@ -161,9 +187,10 @@ def torchrun_command(stage: Stage, nproc: int) -> List[str]:
             str(REPO / stage.script), *stage.argv[1:]]
 
 
-def run_subprocess(command: List[str], out_path: Path) -> int:
-    """Run a stage, appending its output to out_path; SIGTERM/SIGINT are passed on to it, so a
-    pretraining run saves a checkpoint before the driver exits."""
+def run_subprocess(stage: Stage, nproc: int, out_path: Path) -> int:
+    """Run a stage under torchrun, appending its output to out_path. SIGTERM/SIGINT are passed on,
+    so a pretraining run saves a checkpoint before the driver exits."""
+    command = torchrun_command(stage, nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(out_path, "a") as out:
         out.write(f"\n$ {' '.join(command)}\n")
@@ -194,7 +221,7 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 def run_stages(cfg: ExperimentConfig, stages: List[Stage],
-               runner: Callable[[List[str], Path], int] = run_subprocess, say=print) -> Dict[str, float]:
+               runner: Callable[[Stage, int, Path], int] = run_subprocess, say=print) -> Dict[str, float]:
     """Run what is not done yet; returns minutes per stage as recorded in stages.json."""
     out_dir = log_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +235,7 @@ def run_stages(cfg: ExperimentConfig, stages: List[Stage],
         out_path = out_dir / f"{stage.run}.out"
         say(f"{prefix}: running, output in {out_path}")
         started = time.time()
-        code = runner(torchrun_command(stage, cfg.nproc), out_path)
+        code = runner(stage, cfg.nproc, out_path)
         minutes = (time.time() - started) / 60
         finished = code == 0 and stage.output.exists()
         record.add_minutes(stage, cfg.nproc, minutes, finished)

@@ -5,6 +5,7 @@ from summary.json by `render_markdown`, so the README can be checked against the
 """
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -31,16 +32,31 @@ def _final_eval(run: report.Run) -> dict:
             "teacher_agreement_pct": last.get("eval/teacher_agreement")}
 
 
+def _init_layers(cfg) -> list[int] | None:
+    """The teacher layers a teacher_layers init copied (the default needs the teacher's depth)."""
+    if cfg.student.init != "teacher_layers":
+        return None
+    if cfg.student.init_layers:
+        return list(cfg.student.init_layers)
+    teacher_config = Path(cfg.teacher.name or "") / "config.json"
+    if not teacher_config.is_file():
+        return None
+    from kd.models import default_init_layers
+    depth = json.loads(teacher_config.read_text())["num_hidden_layers"]
+    return default_init_layers(depth, cfg.student.num_layers)
+
+
 def _recipe(config_yaml: Path) -> dict:
     """What distinguishes the run: init, teacher, loss weights (from the config it ran with)."""
     cfg = load_config(PretrainConfig, str(config_yaml), [])
     loss = cfg.loss
-    return {"init": cfg.student.init, "teacher": cfg.teacher.name if (loss.alpha_kd or loss.alpha_hidden or
-                                                                      cfg.student.init == "teacher_layers") else None,
+    uses_teacher = loss.alpha_kd or loss.alpha_hidden or cfg.student.init == "teacher_layers"
+    return {"init": cfg.student.init, "init_layers": _init_layers(cfg),
+            "teacher": cfg.teacher.name if uses_teacher else None,
             "num_layers": cfg.student.num_layers, "alpha_mlm": loss.alpha_mlm, "alpha_kd": loss.alpha_kd,
             "alpha_hidden": loss.alpha_hidden, "temperature": loss.temperature, "hidden_loss": loss.hidden_loss,
             "hidden_layer_map": [list(p) for p in loss.hidden_layer_map] if loss.hidden_layer_map else None,
-            "max_steps": cfg.train.max_steps, "global_batch": None, "seq_len": cfg.data.seq_len}
+            "max_steps": cfg.train.max_steps, "seq_len": cfg.data.seq_len}
 
 
 def pretraining_rows(logs: Path, runs: list[str]) -> list[dict]:
@@ -103,7 +119,8 @@ def build_summary(cfg, stages, minutes: dict, logs: Path, plots: Path) -> dict:
     pretraining = pretraining_rows(logs, main_runs)
     for row in pretraining:
         row.update({f"cpu_{k}": v for k, v in speeds.get(row["run"], {}).items() if k != "params_M"})
-    counted = {s.run for s in stages}
+    main = {s.run for s in stages if s.kind != "lever"}
+    lever_runs = {s.run for s in stages if s.kind == "lever"}
     sentiment, majority = sentiment_rows(logs, list(cfg.finetune.models), list(cfg.finetune.seeds), finetune_run)
     return {
         "config": "configs/experiment.yaml", "name": cfg.name, "nproc": cfg.nproc,
@@ -112,8 +129,9 @@ def build_summary(cfg, stages, minutes: dict, logs: Path, plots: Path) -> dict:
         "finetune_overrides": list(cfg.finetune.overrides),
         "levers": pretraining_rows(logs, levers),
         "published": report.PUBLISHED,
-        "minutes": {k: v for k, v in minutes.items() if k in counted},
-        "total_minutes": round(sum(v for k, v in minutes.items() if k in counted), 1),
+        "minutes": {k: v for k, v in minutes.items() if k in main | lever_runs},
+        "total_minutes": round(sum(v for k, v in minutes.items() if k in main), 1),
+        "lever_minutes": round(sum(v for k, v in minutes.items() if k in lever_runs), 1),
     }
 
 
@@ -133,18 +151,31 @@ def _loss_recipe(row: dict) -> str:
 
 
 def _init(row: dict) -> str:
-    return {"teacher_layers": "teacher layers", "random": "random"}.get(row["init"], row["init"].split(":", 1)[-1])
+    if row["init"] == "teacher_layers":
+        return f"teacher layers {row['init_layers']}" if row.get("init_layers") else "teacher layers"
+    if row["init"].startswith("pretrained:"):
+        ref = Path(row["init"].split(":", 1)[1])
+        if str(ref) == "packaged-minilm":
+            return "MiniLM-L6-H384 (packaged)"
+        return f"{ref.parent.name} (pretrained)" if ref.name == "final" else str(ref)
+    return row["init"]
+
+
+def _teacher(row: dict) -> str:
+    # Exports are <checkpoint_dir>/<run>/final: name the run.
+    return Path(row["teacher"]).parent.name if row.get("teacher") else "—"
 
 
 def _pretrain_table(rows: list[dict], with_speed: bool) -> list[str]:
-    head = "| run | layers | init | loss | held-out MLM loss | perplexity | masked acc % | agrees with teacher % |"
-    rule = "|:---|---:|:---|:---|---:|---:|---:|---:|"
+    head = ("| run | layers | init | teacher | loss | held-out MLM loss | perplexity | masked acc % "
+            "| agrees with teacher % |")
+    rule = "|:---|---:|:---|:---|:---|---:|---:|---:|---:|"
     if with_speed:
         head += " params (M) | CPU latency b1 (ms) |"
         rule += "---:|---:|"
     lines = [head, rule]
     for r in rows:
-        line = (f"| {r['run']} | {r['num_layers']} | {_init(r)} | {_loss_recipe(r)} | {_f(r.get('heldout_mlm_loss'), 3)} "
+        line = (f"| {r['run']} | {r['num_layers']} | {_init(r)} | {_teacher(r)} | {_loss_recipe(r)} | {_f(r.get('heldout_mlm_loss'), 3)} "
                 f"| {_f(r.get('perplexity'), 0)} | {_f(r.get('masked_accuracy_pct'))} "
                 f"| {_f(r.get('teacher_agreement_pct'))} |")
         if with_speed:
@@ -180,8 +211,9 @@ def render_markdown(summary: dict) -> str:
     for r in summary["published"]:
         lines.append(f"| {r['model']} *(published)* | {_f(r['params_M'], 1)} | {_f(r.get('SST-2 acc %'), 1)} "
                      f"| {_f(r.get('SQuAD F1 %'), 1)} |")
-    lines += ["", f"Compute: {summary['total_minutes']} min for all stages on {summary['nproc']} processes "
-              f"(logs/{summary['name']}/stages.json)."]
+    lines += ["", f"Compute: {summary['total_minutes']} min for the study's stages on {summary['nproc']} "
+              f"processes" + (f", plus {summary['lever_minutes']} min for the levers" if summary.get("levers") else "")
+              + f" (logs/{summary['name']}/stages.json)."]
     return "\n".join(lines) + "\n"
 
 

@@ -46,46 +46,57 @@ def test_levers_run_only_when_asked_and_need_an_earlier_teacher():
 
 
 def fake_runner(calls, fail=()):
-    """Stands in for torchrun: records the command and writes the stage's output file."""
-    def run(command, out_path):
-        calls.append(command)
-        run_name = next(a.split("=", 1)[1] for a in command if a.startswith("run_name="))
-        out_path.write_text(f"output of {run_name}\nerror: something broke\n")
-        if run_name in fail:
+    """Stands in for torchrun: records the run, writes its config.yaml and its output file."""
+    from kd.config import to_yaml
+
+    def run(stage, nproc, out_path):
+        calls.append(stage.run)
+        out_path.write_text(f"output of {stage.run}\nerror: something broke\n")
+        stage.log_dir.mkdir(parents=True, exist_ok=True)
+        (stage.log_dir / "config.yaml").write_text(to_yaml(stage.resolve()))
+        if stage.run in fail:
             return 1
-        ckpt = next(a.split("=", 1)[1] for a in command if a.startswith("checkpoint_dir="))
-        logs = next(a.split("=", 1)[1] for a in command if a.startswith("log_dir="))
-        target = (Path(ckpt) / run_name / "final" / "config.json" if any(a.endswith("ddp_main.py") for a in command)
-                  else Path(logs) / run_name / "results.json")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("{}")
+        stage.output.parent.mkdir(parents=True, exist_ok=True)
+        stage.output.write_text("{}")
         return 0
     return run
 
 
 def test_rerun_skips_finished_stages_and_refuses_changed_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(Path(ROOT) / "configs")
     cfg = load(["finetune.seeds=[0]"])
+    quiet = dict(say=lambda *_: None)
     calls = []
     with pytest.raises(KDError, match=r"stage nokd failed \(exit code 1\)(.|\n)*error: something broke"):
-        experiment.run_stages(cfg, experiment.plan(cfg), runner=fake_runner(calls, fail={"nokd"}), say=lambda *_: None)
-    assert [c[c.index("--config") - 1] for c in calls][-1].endswith("ddp_main.py")
+        experiment.run_stages(cfg, experiment.plan(cfg), runner=fake_runner(calls, fail={"nokd"}), **quiet)
+    assert calls == ["teacher", "kd", "nokd"]
     record = json.loads((tmp_path / "logs/experiment/stages.json").read_text())
     assert "argv" in record["kd"] and "argv" not in record["nokd"]  # a failed stage is not marked done
     calls.clear()
     said = []
     minutes = experiment.run_stages(cfg, experiment.plan(cfg), runner=fake_runner(calls), say=said.append)
-    assert [next(a for a in c if a.startswith("run_name=")) for c in calls][0] == "run_name=nokd"
+    assert calls[0] == "nokd" and len(calls) == 6
     assert sum("skipped" in line for line in said) == 2 and set(minutes) >= {"teacher", "kd", "nokd-tweets-s0"}
     calls.clear()
-    experiment.run_stages(cfg, experiment.plan(cfg), runner=fake_runner(calls), say=lambda *_: None)
+    experiment.run_stages(cfg, experiment.plan(cfg), runner=fake_runner(calls), **quiet)
     assert calls == []
     changed = load(["finetune.seeds=[0]", "pretrain_overrides=[train.max_steps=5]"])
-    with pytest.raises(KDError, match="stage teacher already finished with another command"):
-        experiment.run_stages(changed, experiment.plan(changed), runner=fake_runner(calls), say=lambda *_: None)
+    with pytest.raises(KDError, match=r"stage teacher already finished with other settings \((.*; )?"
+                                      r"train.max_steps: 300 -> 5(.|\n)*delete logs/experiment/teacher and "
+                                      r"checkpoints/experiment/teacher "):
+        experiment.run_stages(changed, experiment.plan(changed), runner=fake_runner(calls), **quiet)
     fewer = load(["finetune.seeds=[0]", "nproc=1"])
-    with pytest.raises(KDError, match="nproc=2"):
-        experiment.run_stages(fewer, experiment.plan(fewer), runner=fake_runner(calls), say=lambda *_: None)
+    with pytest.raises(KDError, match="nproc: 2 -> 1"):
+        experiment.run_stages(fewer, experiment.plan(fewer), runner=fake_runner(calls), **quiet)
+    # an edited preset counts too, not only the command line
+    preset = tmp_path / "kd_preset.yaml"
+    preset.write_text((Path(ROOT) / "configs" / "demo.yaml").read_text())
+    edited = load(["finetune.seeds=[0]", f"pretrain.kd.config={preset}"])
+    experiment.run_stages(edited, experiment.plan(edited)[:2], runner=fake_runner(calls), **quiet)
+    preset.write_text(preset.read_text().replace("temperature: 2.0", "temperature: 3.0"))
+    with pytest.raises(KDError, match="loss.temperature: 2.0 -> 3.0"):
+        experiment.run_stages(edited, experiment.plan(edited)[:2], runner=fake_runner(calls), **quiet)
     assert calls == []
 
 

@@ -189,6 +189,8 @@ def render_markdown(summary: dict) -> str:
     lines = ["Pretraining, scored on the whole held-out split of the Wikipedia sample with the same masks "
              "for every model:", ""]
     lines += _pretrain_table(summary["pretraining"], with_speed=True)
+    lines += ["", "*teacher*: the run whose export gave the copied layers and, where the loss has KL or cosine "
+                  "terms, the targets."]
     lines += ["", "Fine-tuned on the offline tweet sentiment set; accuracy on its test split, mean ± sample "
               "std over every seed run:", "",
               "| model | test acc % (mean ± std) | per seed | validation acc % |", "|:---|---:|:---|---:|"]
@@ -224,9 +226,12 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
     fig = _figure((12, 4.6))
     ax_mlm, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for name in names:
-        x, y = report.load_run(logs / name).series("eval/mlm_ce")
+        run = report.load_run(logs / name)
+        x, y = run.series("train/mlm_ce")
+        ax_mlm.plot(x, y, "-", color=colors[name], alpha=0.3, lw=1)
+        x, y = run.series("eval/mlm_ce")
         ax_mlm.plot(x, y, "-o", color=colors[name], label=name, markersize=4)
-    _style(ax_mlm, "held-out MLM loss (Wikipedia sample)", "cross-entropy (nats)")
+    _style(ax_mlm, "MLM loss: held-out (points), train batches (faint)", "cross-entropy (nats)")
     ax_mlm.legend(frameon=False)
     rows = summary["sentiment"]
     for i, r in enumerate(rows):
@@ -235,6 +240,11 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
         ax_acc.bar(i, t["mean"], color=color, alpha=0.35, width=0.6)
         ax_acc.errorbar(i, t["mean"], yerr=t["std"] or 0, color=color, capsize=6, lw=1.5)
         ax_acc.plot([i] * len(t["per_seed"]), list(t["per_seed"].values()), "o", color=color, markersize=5)
+    floor = (summary.get("sentiment_majority_class_pct") or {}).get("test")
+    if floor is not None:
+        ax_acc.axhline(floor, color="black", ls="--", lw=1)
+        ax_acc.annotate(f"always the majority class: {floor:.1f}%", (-0.45, floor), ha="left", va="bottom",
+                        fontsize=9, zorder=5)
     ax_acc.set_xticks(range(len(rows)), [r["model"] for r in rows])
     values = [v for r in rows for v in r["test_accuracy_pct"]["per_seed"].values()]
     if values:
@@ -255,4 +265,32 @@ def write_all(cfg, stages, minutes: dict, latency: bool = True) -> list[Path]:
     write_json(str(logs / "summary.json"), summary)
     (logs / "results.md").write_text(render_markdown(summary), encoding="utf-8")
     return written + [logs / "summary.json", logs / "results.md", plot_study(summary, logs, plots)]
+
+
+README_BEGIN, README_END = "<!-- experiment-results:begin -->", "<!-- experiment-results:end -->"
+PUBLISHED_FIGURES = ("study.png", "convergence_eval.png", "quality_vs_speed.png")
+
+
+def publish(cfg, readme: Path, docs_dir: Path) -> list[Path]:
+    """Copy this run's summary.json and figures into docs_dir and put its tables in the README
+    between the two markers, so what the README says is exactly what the run wrote."""
+    import shutil
+
+    from kd.errors import KDError
+    from kd.experiment import log_dir, plots_dir
+
+    summary_path = log_dir(cfg) / "summary.json"
+    if not summary_path.is_file():
+        raise KDError(f"{summary_path} does not exist: run `make experiment` first")
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise KDError(f"{readme} needs exactly one {README_BEGIN} ... {README_END} block for the tables")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    copied = [Path(shutil.copy2(summary_path, docs_dir / "summary.json"))]
+    copied += [Path(shutil.copy2(plots_dir(cfg) / f, docs_dir / f)) for f in PUBLISHED_FIGURES
+               if (plots_dir(cfg) / f).is_file()]
+    table = render_markdown(json.loads(summary_path.read_text()))
+    head, rest = text.split(README_BEGIN)
+    readme.write_text(f"{head}{README_BEGIN}\n{table}{README_END}{rest.split(README_END, 1)[1]}", encoding="utf-8")
+    return copied + [readme]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 
@@ -259,6 +260,9 @@ def write_all(cfg, stages, minutes: dict, latency: bool = True) -> list[Path]:
 
     logs, plots = log_dir(cfg), plots_dir(cfg)
     main_runs = [s.run for s in stages if s.kind == "pretrain"]
+    if latency:  # the runs are over: time the models with every core, as a deployment would
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
     written = report.build_report(logs, plots, run_names=main_runs + [s.run for s in stages if s.kind == "lever"],
                                   models=[export_dir(cfg, r) for r in main_runs], latency=latency)
     summary = build_summary(cfg, stages, minutes, logs, plots)

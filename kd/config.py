@@ -141,7 +141,7 @@ def _explain(err: OmegaConfBaseException, schema: Any, origin: str) -> KDError:
             close = [k for k in valid if difflib.get_close_matches(leaf, [k.split(".")[-1]], cutoff=0.75)][:3]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         return KDError(f"unknown config key '{key}' in {origin}.{hint} "
-                       f"Valid keys are listed in kd/config.py.")
+                       f"Valid keys are listed in {OmegaConf.get_type(schema).__module__.replace('.', '/')}.py.")
     return KDError(f"bad value for config key '{key}' in {origin}: {msg}")
 
 

@@ -31,6 +31,7 @@ from kd.logger import write_json
 class RunSpec:
     config: str = "???"
     teacher: Optional[str] = None       # an earlier pretraining run of the study; its export teaches
+    init_from: Optional[str] = None     # an earlier run whose export is the starting weights
     overrides: List[str] = field(default_factory=list)
 
 
@@ -107,14 +108,19 @@ def plan(cfg: ExperimentConfig) -> List[Stage]:
     stages, known = [], []
     dirs = [f"log_dir={log_dir(cfg)}", f"checkpoint_dir={Path(cfg.checkpoint_dir) / cfg.name}"]
 
+    def earlier_export(run, role, name):
+        if name not in known:
+            raise KDError(f"run {run!r} names {role} {name!r}, which is not an earlier run of the study "
+                          f"(earlier runs: {', '.join(known) or 'none'})")
+        return export_dir(cfg, name)
+
     def pretrain_stage(run, spec, kind):
-        teacher = []
+        wiring = []
         if spec.teacher:
-            if spec.teacher not in known:
-                raise KDError(f"run {run!r} names teacher {spec.teacher!r}, which is not an earlier run "
-                              f"of the study (earlier runs: {', '.join(known) or 'none'})")
-            teacher = [f"teacher.name={export_dir(cfg, spec.teacher)}"]
-        argv = ["ddp_main.py", "--config", spec.config, f"run_name={run}", *dirs, *teacher,
+            wiring.append(f"teacher.name={earlier_export(run, 'teacher', spec.teacher)}")
+        if spec.init_from:
+            wiring.append(f"student.init=pretrained:{earlier_export(run, 'init_from', spec.init_from)}")
+        argv = ["ddp_main.py", "--config", spec.config, f"run_name={run}", *dirs, *wiring,
                 *cfg.pretrain_overrides, *spec.overrides]
         known.append(run)
         return Stage(run, kind, argv, export_dir(cfg, run) / "config.json", log_dir(cfg) / run,

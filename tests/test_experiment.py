@@ -37,6 +37,8 @@ def test_levers_run_only_when_asked_and_need_an_earlier_teacher():
     assert all(s.kind != "lever" for s in experiment.plan(load(lever)))
     stages = experiment.plan(load(lever + ["run_levers=true"]))
     assert stages[-1].run == "kd-t4" and stages[-1].kind == "lever" and "loss.temperature=4" in stages[-1].argv
+    longer = experiment.plan(load(["levers={t2: {config: c.yaml, init_from: teacher}}", "run_levers=true"]))[-1]
+    assert "student.init=pretrained:checkpoints/experiment/teacher/final" in longer.argv
     with pytest.raises(KDError, match="not an earlier run"):
         experiment.plan(load(["levers={x: {config: c.yaml, teacher: nobody}}", "run_levers=true"]))
     with pytest.raises(KDError, match="not a pretraining run"):

@@ -1,14 +1,15 @@
-"""The offline study: does distillation help? (configs/experiment.yaml; README "Results")
+"""The offline study: where does distillation help, beyond noise? (configs/experiment.yaml; README "Results")
 
-    make experiment                                   # about an hour on 2 CPU cores; rerun to resume
-    nohup make experiment > logs/experiment.out 2>&1 &
-    make experiment-levers                            # the study plus the lever runs (run_levers=true)
-    python experiment.py [--config PATH] [--no-latency] [key=value ...]
+    make experiment                                   # the headline arms, about 2 hours on 2 CPU cores
+    nohup make experiment > logs/experiment.out 2>&1 &   # detached; rerun the same command to resume
+    make experiment-levers                            # the study plus the lever arms (run_levers=true)
+    python experiment.py [--config PATH] [--no-latency] [--no-timing] [key=value ...]
+    python experiment.py --report-only                # summary and figures from the runs made so far
     python experiment.py --publish                    # the run's tables into README.md, summary + figures into docs/
 
-It runs the teacher warm-up, the students and the fine-tunes as ordinary torchrun runs, then writes
-plots/<name>/ (figures, tables), logs/<name>/summary.json (every number of the README tables) and
-logs/<name>/results.md (those tables, rendered from summary.json).
+It runs the teacher warm-up, the students (with seeds) and the fine-tunes as ordinary torchrun runs,
+then writes plots/<name>/ (figures, tables), logs/<name>/summary.json (every number of the README
+tables) and logs/<name>/results.md (those tables, rendered from summary.json).
 """
 import argparse
 import sys
@@ -21,6 +22,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/experiment.yaml", help="the study (default: %(default)s)")
     p.add_argument("--no-latency", action="store_true", help="skip timing the exported models on CPU")
+    p.add_argument("--no-timing", action="store_true", help="skip the equal-compute step timing")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report what the logs hold")
     p.add_argument("--publish", action="store_true",
                    help="copy the finished run's summary and figures to docs/<name>/ and its tables into README.md")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_levers=true nproc=1")
@@ -30,16 +33,18 @@ def parse_args(argv):
 def main(argv=None) -> None:
     with friendly_errors():
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        from kd import experiment
-        cfg = experiment.load_experiment(args.config, args.overrides)
+        from kd.study.plan import plan
+        from kd.study.spec import load_experiment
+        cfg = load_experiment(args.config, args.overrides)
         if args.publish:
-            from kd import study_report
-            written = study_report.publish(cfg, Path("README.md"), Path("docs") / cfg.name)
+            from kd.study.publish import publish
+            written = publish(cfg, Path("README.md"), Path("docs") / cfg.name)
         else:
-            stages = experiment.plan(cfg)
-            minutes = experiment.run_stages(cfg, stages)
-            from kd import study_report  # matplotlib and pandas only once the runs are done
-            written = study_report.write_all(cfg, stages, minutes, latency=not args.no_latency)
+            from kd.study.runner import recorded_minutes, run_stages
+            stages = plan(cfg)
+            minutes = recorded_minutes(cfg) if args.report_only else run_stages(cfg, stages)
+            from kd.study.publish import write_all  # matplotlib and pandas only once the runs are done
+            written = write_all(cfg, stages, minutes, latency=not args.no_latency, timing=not args.no_timing)
         print("files written:")
         for path in written:
             print(f"  {path}")

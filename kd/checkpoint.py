@@ -221,6 +221,11 @@ class Checkpointer:
         return state
 
 
+def export_dir_for(run_dir: str, tag: Optional[str] = None) -> str:
+    """<run_dir>/final, or <run_dir>/export_<tag> for a copy exported during training."""
+    return os.path.join(run_dir, "final" if tag is None else f"export_{tag}")
+
+
 def export_pretrained(model, tokenizer, out_dir: str) -> None:
     """Hugging Face folder (config, safetensors, tokenizer), swapped in atomically."""
     tmp = out_dir.rstrip("/") + ".tmp"

@@ -40,6 +40,9 @@ class TrainConfig:
     num_workers: int = 0                # DataLoader workers (masking is cheap; 0 is fine on CPU)
     device: str = "auto"                # auto | cpu | cuda
     max_nonfinite_skips: int = 5        # consecutive steps with a non-finite loss/grad before stopping
+    # Also export the model (Hugging Face folder <checkpoint_dir>/<run>/export_step_NNNNNN) at these
+    # steps: e.g. teachers of increasing quality from one warm-up, for a dose-response study.
+    export_steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +60,10 @@ class StudentConfig:
     # teacher_layers | random | pretrained:<path, hub name or packaged-minilm>
     init: str = "teacher_layers"
     init_layers: Optional[List[int]] = None  # teacher layers copied by teacher_layers init
+    # teacher_layers copies from this model instead of the teacher (same architecture): e.g. the
+    # final teacher's layers for a student taught by an earlier, weaker copy of it, so that students
+    # of a dose-response share one init and one no-KD twin. None: the teacher.
+    init_layers_from: Optional[str] = None
 
 
 @dataclass
@@ -68,6 +75,8 @@ class DataConfig:
     train_files: List[str] = field(default_factory=list)       # for source=text (.txt or .jsonl)
     validation_files: List[str] = field(default_factory=list)
     validation_fraction: float = 0.05   # held-out share of documents when no validation split exists
+    split_seed: int = 0                 # which documents are held out; apart from train.seed, so runs with
+                                        # other seeds are scored on the same held-out text
     tokenizer: Optional[str] = None     # None: the teacher's (or the pretrained student's)
     seq_len: int = 128
     mlm_probability: float = 0.15
@@ -226,8 +235,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     if not (init in ("teacher_layers", "random") or init.startswith("pretrained:")):
         raise KDError(f"student.init={init!r}: use teacher_layers, random or pretrained:<path>")
     cached = validate_teacher_cache_use(cfg)
-    needs_teacher = (not cached and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0)) or init == "teacher_layers"
-    if cached and init == "teacher_layers" and not cfg.teacher.name:
+    copies_teacher = init == "teacher_layers" and not cfg.student.init_layers_from
+    if cfg.student.init_layers_from and init != "teacher_layers":
+        raise KDError(f"student.init_layers_from is for student.init=teacher_layers, not {init!r}; unset one")
+    needs_teacher = (not cached and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0)) or copies_teacher
+    if cached and copies_teacher and not cfg.teacher.name:
         raise KDError("student.init=teacher_layers copies the teacher's weights, so it needs teacher.name even "
                       "with teacher_cache.path (the teacher is loaded for the init only, then freed). Set "
                       "teacher.name to the cached teacher, or use student.init=random or pretrained:<path>.")
@@ -291,6 +303,10 @@ def validate_train(train: TrainConfig) -> None:
             raise KDError(f"train.{key}={getattr(train, key)} must be >= 1")
     if train.keep_last < 1:
         raise KDError("train.keep_last must be >= 1 so a good checkpoint always survives")
+    bad = [s for s in train.export_steps if not 0 < s < train.max_steps]
+    if bad:
+        raise KDError(f"train.export_steps={list(train.export_steps)}: {bad} not in [1, train.max_steps-1="
+                      f"{train.max_steps - 1}] (the final model is always exported)")
 
 
 def to_yaml(cfg: Any) -> str:

@@ -113,7 +113,7 @@ class Trainer:
     def __init__(self, cfg, info: dist.DistInfo, model: nn.Module, loss_fn: LossFn, loader,
                  checkpointer: Checkpointer, log_dir: str,
                  eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
-                 export_fn: Optional[Callable[[nn.Module], None]] = None):
+                 export_fn: Optional[Callable[[nn.Module, Optional[str]], None]] = None):
         self.cfg, self.info, self.loss_fn, self.loader = cfg, info, loss_fn, loader
         self.eval_fn, self.export_fn, self.checkpointer = eval_fn, export_fn, checkpointer
         self.model = model.to(info.device)
@@ -234,6 +234,12 @@ class Trainer:
             f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    def _export(self, tag: Optional[str]) -> None:
+        """The model as a Hugging Face folder, from rank 0: the final one (tag None) or a copy tagged
+        with its step. The other ranks go on; the next collective lines them up again."""
+        if self.export_fn is not None and self.info.is_main:
+            self.export_fn(self.model, tag)
+
     def _skip_nonfinite(self) -> None:
         self.state.skipped_steps += 1
         self.consecutive_skips += 1
@@ -302,6 +308,8 @@ class Trainer:
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < self.total_steps:
                 self.evaluate()
                 self.wrapped.train()
+            if state.step in cfg.export_steps and state.step < self.total_steps:
+                self._export(f"step_{state.step:06d}")
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
                 self.save()
                 last_saved = state.step
@@ -317,8 +325,7 @@ class Trainer:
         metrics = self.evaluate()
         if state.step != last_saved or cfg.save_every == 0:
             self.save()
-        if self.export_fn is not None and self.info.is_main:
-            self.export_fn(self.model)
+        self._export(None)
         dist.barrier()
         self.logger.close()
         return metrics

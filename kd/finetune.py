@@ -3,7 +3,6 @@
 It reuses the pretraining engine: the task supplies a model, a loss function, a loader and an
 evaluation callback; DDP, AMP, logging, checkpoints and resume come from `kd.engine`.
 """
-import itertools
 from collections import Counter
 import logging
 import os
@@ -18,7 +17,7 @@ from torch.utils.data import Subset
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
 from kd import dist
-from kd.checkpoint import Checkpointer, export_pretrained
+from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
 from kd.config import TrainConfig, check_choice, to_dict, to_yaml, validate_train
 from kd.data.loader import make_loader
 from kd.engine import Trainer, autocast_for
@@ -44,6 +43,7 @@ class FinetuneDataConfig:
     doc_stride: int = 128               # SQuAD windows
     max_answer_length: int = 30
     n_best: int = 20
+    group_by_length: bool = False       # classification: batches of similar lengths (less padding)
 
 
 @dataclass
@@ -72,6 +72,9 @@ class FinetuneConfig:
 def validate_finetune(cfg) -> None:
     validate_train(cfg.train)
     check_choice(cfg.data.on_bad_row, ["error", "skip"], "data.on_bad_row")
+    if cfg.data.group_by_length and cfg.task == "squad":
+        raise KDError("data.group_by_length applies to classification; SQuAD windows all have "
+                      "data.max_length tokens. Unset it for task=squad.")
     if cfg.distill.teacher and cfg.distill.temperature <= 0:
         raise KDError("distill.temperature must be > 0")
 
@@ -132,9 +135,13 @@ class ClassificationTask:
         `max_batches` (train.eval_batches) caps each rank's share, for quick demos; the number of
         examples actually scored is reported with the metric."""
         dataset = self.sets[split]
-        shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=self.collate)
-        loader = itertools.islice(loader, max_batches)
+        rows = list(range(info.rank, len(dataset), info.world_size))
+        if max_batches is not None:
+            rows = rows[:max_batches * batch_size]
+        # The same examples, longest first: batches pad to similar lengths (~2x faster on the tweets);
+        # the sums below do not depend on the order.
+        rows.sort(key=lambda i: -len(dataset.input_ids[i]))
+        loader = torch.utils.data.DataLoader(Subset(dataset, rows), batch_size=batch_size, collate_fn=self.collate)
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, correct, n
         model.eval()
         for batch in loader:
@@ -258,8 +265,9 @@ def _run(cfg, info) -> dict:
         sizes["train_windows"] = len(task.sets["train"])
     log.info("fine-tuning %s on %s: %s; %.1fM parameters", cfg.model, task.task_name, sizes,
              count_parameters(model) / 1e6)
+    lengths = [len(ids) for ids in task.sets["train"].input_ids] if cfg.data.group_by_length else None
     loader = make_loader(task.sets["train"], cfg.train.batch_size, task.collate, info.rank,
-                         info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers)
+                         info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers, lengths=lengths)
     autocast = autocast_for(info.device, cfg.train.amp)
 
     def eval_fn(wrapped):
@@ -267,11 +275,12 @@ def _run(cfg, info) -> dict:
                                 cfg.train.eval_batches)
         return {f"eval/{k}": v for k, v in metrics.items()}
 
-    export_dir = os.path.join(run_dir, "final")
+    export_dir = export_dir_for(run_dir)
 
-    def export_fn(trained):
-        export_pretrained(trained, tokenizer, export_dir)
-        log.info("exported fine-tuned model to %s", export_dir)
+    def export_fn(trained, tag=None):
+        out = export_dir_for(run_dir, tag)
+        export_pretrained(trained, tokenizer, out)
+        log.info("exported fine-tuned model to %s", out)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last,
                                 {"model": cfg.model, "task": cfg.task, "data": to_dict(cfg.data)})

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from kd import dist
-from kd.checkpoint import Checkpointer, export_pretrained
+from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
 from kd.config import to_dict, to_yaml, validate_pretrain
 from kd.data.blocks import load_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
@@ -16,7 +16,7 @@ from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
 from kd.logger import setup_console_logging, write_run_files
 from kd.models import (DistillationStudent, build_student, count_parameters, default_hidden_map,
-                       load_teacher, load_tokenizer)
+                       load_mlm_model, load_teacher, load_tokenizer)
 from kd.objective import distill_loss, evaluate_mlm, make_plan
 from kd.teacher_cache import TOKENIZER_DIR, CachedTeacherCollate, open_for_training
 
@@ -80,11 +80,17 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     elif cfg.teacher_cache.path:
         log.info("loss.alpha_kd=0: teacher_cache.path is not used")
     plan_needs_teacher = (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0) and cache is None
+    copies_layers = cfg.student.init == "teacher_layers"
     teacher = None
-    if plan_needs_teacher or cfg.student.init == "teacher_layers":
+    if plan_needs_teacher or (copies_layers and not cfg.student.init_layers_from):
         teacher = load_teacher(cfg.teacher, info.device)
     check_compatible(cfg, tokenizer, teacher)
-    student = build_student(cfg.student, teacher, len(tokenizer))
+    layer_source = teacher
+    if copies_layers and cfg.student.init_layers_from:  # layers from another model; freed once copied
+        layer_source = load_mlm_model(cfg.student.init_layers_from, "student.init_layers_from", require_head=True)
+        log.info("student layers copied from %s", cfg.student.init_layers_from)
+    student = build_student(cfg.student, layer_source, len(tokenizer))
+    del layer_source
     if cfg.data.seq_len > student.config.max_position_embeddings:
         raise KDError(f"data.seq_len={cfg.data.seq_len} exceeds the student's max_position_embeddings "
                       f"({student.config.max_position_embeddings}); lower data.seq_len")
@@ -98,7 +104,7 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
              student.config.hidden_size, count_parameters(student) / 1e6, list(plan.weights))
 
-    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.train.seed)
+    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
     log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
              cfg.data.seq_len)
     train_spec = masking_spec_for(tokenizer, cfg.data)
@@ -124,11 +130,12 @@ def _run(cfg, info: dist.DistInfo) -> dict:
                                cfg.train.eval_batches)
         return evaluate_mlm(model, teacher, batches, plan, info.device, autocast)
 
-    export_dir = os.path.join(run_dir, "final")
+    export_dir = export_dir_for(run_dir)
 
-    def export_fn(model):
-        export_pretrained(model.student, tokenizer, export_dir)
-        log.info("exported student to %s", export_dir)
+    def export_fn(model, tag=None):
+        out = export_dir_for(run_dir, tag)
+        export_pretrained(model.student, tokenizer, out)
+        log.info("exported student to %s", out)
 
     fingerprint = {"student": to_dict(cfg.student), "teacher": cfg.teacher.name,
                    "seq_len": cfg.data.seq_len, "hidden_pairs": [list(p) for p in plan.hidden_pairs]}

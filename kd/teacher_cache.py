@@ -147,7 +147,7 @@ def run_identity(cfg, tokenizer) -> dict:
 
 
 def blocks_identity(cfg, splits: Dict[str, np.ndarray]) -> dict:
-    return {"corpus": corpus_fingerprint(cfg.data), "split_seed": cfg.train.seed,
+    return {"corpus": corpus_fingerprint(cfg.data), "split_seed": cfg.data.split_seed,
             "blocks": {s: {"count": int(len(b)), "sha256": blocks_sha256(b)} for s, b in splits.items()}}
 
 
@@ -190,7 +190,7 @@ _HINTS = {
     "masking.special_ids": "the tokenizer", "masking.predictions_per_block": "data.seq_len / data.mlm_probability",
     "masking.scheme": "kd/data/masking.py", "format": "the kd version",
     "corpus": "data.source / data.train_files / data.validation_fraction",
-    "split_seed": "train.seed, which draws the train/validation split",
+    "split_seed": "data.split_seed, which draws the train/validation split",
     "blocks": "data.source / data.train_files / data.validation_fraction / train.seed",
     "teacher.weights_sha256": "teacher.name", "temperature": "loss.temperature",
 }
@@ -585,7 +585,7 @@ def _generate(cfg, info: dist.DistInfo, on_shard_written) -> dict:
     teacher = load_teacher(cfg.teacher, info.device)
     check_compatible(cfg, tokenizer, teacher)
     teacher_sha = _on_rank0(lambda: teacher_weights_sha256(cfg.teacher.name))
-    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.train.seed)
+    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
     log.info("teacher cache: %s over %d train blocks x %d mask draw(s) + %d validation blocks, on %s x%d",
              cfg.teacher.name, len(train_blocks), cfg.teacher_cache.epochs, len(val_blocks), info.device,
              info.world_size)

@@ -52,7 +52,7 @@ def made(tmp_path_factory, tiny_teacher_dir, small_corpus, shared_cache):
     cfg = make_cfg(root, tiny_teacher_dir, small_corpus, shared_cache, root / "tcache")
     summary = run_cache_generation(cfg)
     tokenizer = load_tokenizer(tiny_teacher_dir)
-    train, val = load_blocks(cfg.data, tokenizer, cfg.train.seed)
+    train, val = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
     return {"cfg": cfg, "root": root, "path": str(root / "tcache"), "summary": summary, "tokenizer": tokenizer,
             "train": train, "val": val, "teacher": load_teacher(cfg.teacher, torch.device("cpu"))}
 
@@ -180,7 +180,7 @@ def test_a_manifest_that_does_not_match_the_run_is_refused_by_name(made, tmp_pat
         cache.check_config(make_cfg(*args, **{"loss.temperature": 1.0, "loss.topk_mode": "lse_tail"}), tok)
     cache.check_config(make_cfg(*args, **{"loss.temperature": 1.0}), tok)  # renormalize: any temperature
     moved = make_cfg(*args, **{"data.validation_fraction": 0.5})
-    train, val = load_blocks(moved.data, tok, moved.train.seed)
+    train, val = load_blocks(moved.data, tok, moved.data.split_seed)
     with pytest.raises(KDError, match=r"corpus: .*validation_fraction.*corpus token blocks \(blocks.train.count\)"):
         cache.check_blocks(moved, {"train": train, "validation": val})
     with pytest.raises(KDError, match=r"no teacher cache at"):

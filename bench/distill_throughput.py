@@ -41,6 +41,7 @@ from bench.naive_distiller import NaiveDistiller, NaiveWeights, eager_copy  # no
 from kd.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
 from kd.data.masking import MaskingSpec, mask_batch, num_predictions  # noqa: E402
 from kd.engine import autocast_for, build_optimizer  # noqa: E402
+from kd.flops import forward_flops as kd_forward_flops  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map  # noqa: E402
 from kd.objective import distill_loss, make_plan  # noqa: E402
 
@@ -247,12 +248,8 @@ class MatmulPeak:
 
 
 def forward_flops(layers: int, hidden: int, ffn: int, seq_len: int, tokens: int, predicted: int) -> float:
-    """Matmul FLOPs of a BERT MLM forward with the head at `predicted` positions only.
-
-    per token and layer: 2*(4*h^2 + 2*h*ffn) for Q,K,V,O and the FFN, plus 4*S*h for QK^T and AV;
-    per predicted position: 2*h^2 (head transform) + 2*h*V (decoder)."""
-    per_token_layer = 2 * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * seq_len * hidden
-    return tokens * layers * per_token_layer + predicted * (2 * hidden * hidden + 2 * hidden * VOCAB)
+    """kd.flops.forward_flops with the BERT vocabulary (the study's equal-compute plots use the same count)."""
+    return kd_forward_flops(layers, hidden, ffn, seq_len, tokens, predicted, VOCAB)
 
 
 def useful_flops(preset: Preset, batch_size: int) -> float:

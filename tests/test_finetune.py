@@ -1,4 +1,5 @@
 """Fine-tuning through the shared engine: overfitting a handful of real rows, DDP, SQuAD files."""
+import contextlib
 import json
 
 import pytest
@@ -102,3 +103,37 @@ def test_squad_fine_tune_on_local_files_reports_em_f1(tmp_path, tiny_teacher_dir
     assert set(results["metrics"]) == {"exact_match", "f1"}
     assert 0.0 <= results["metrics"]["f1"] <= 100.0
     assert results["split_sizes"]["train_windows"] > 3  # 1500-char contexts need several windows
+
+
+def test_length_sorted_eval_scores_the_same_examples_as_dataset_order(tiny_teacher_dir, sentiment_files, tmp_path):
+    """evaluate() batches longest-first for speed; with and without an eval_batches cap it must score
+    exactly the rows a plain in-order pass would (the first max_batches * batch_size of the shard)."""
+    import torch.nn.functional as F
+
+    from kd.dist import DistInfo
+    from kd.finetune import ClassificationTask
+    from kd.models import load_tokenizer
+    cfg = load_config(FinetuneConfig, None, overrides(tmp_path, tiny_teacher_dir, sentiment_files, "ev", 1))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    task = ClassificationTask(cfg, load_tokenizer(tiny_teacher_dir), info)
+    torch.manual_seed(0)
+    model = task.build_model(tiny_teacher_dir, "model").eval()
+    dataset = task.sets["validation"]
+    lengths = [len(ids) for ids in dataset.input_ids]
+    assert lengths != sorted(lengths, reverse=True)  # the sort has something to do
+
+    def in_order(rows):
+        batch = task.collate([dataset[i] for i in rows])
+        model.eval()  # evaluate() leaves the model in train mode
+        with torch.no_grad():
+            logits = task.logits(model, batch)
+        return {"loss": F.cross_entropy(logits, batch["labels"]).item(),
+                "accuracy": 100.0 * (logits.argmax(-1) == batch["labels"]).float().mean().item(),
+                "examples": len(rows)}
+
+    for max_batches, expected_rows in ((None, range(8)), (1, range(3))):
+        got = task.evaluate(model, "validation", info, contextlib.nullcontext, 3, max_batches)
+        want = in_order(list(expected_rows))
+        assert got["examples"] == want["examples"]
+        assert got["accuracy"] == pytest.approx(want["accuracy"])
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)

@@ -99,3 +99,37 @@ def test_hub_preset_fails_fast_offline_with_a_pointer_to_the_demo():
     assert result.returncode == 2
     assert "bert-large-uncased" in result.stderr and "configs/demo.yaml" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_init_layers_from_copies_another_models_layers_while_the_teacher_teaches(
+        tmp_path, tiny_teacher_dir, corpus_file, shared_cache):
+    """student.init_layers_from: the copied layers come from that model; the KD targets still come
+    from teacher.name (lr 0, so the export holds the initial weights)."""
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from tests.conftest import tiny_bert_config
+    torch.manual_seed(123)
+    source = BertForMaskedLM(tiny_bert_config())
+    source.save_pretrained(tmp_path / "source")
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(tmp_path / "source")
+    run(tmp_path, tiny_teacher_dir, corpus_file, shared_cache, run_name="layers", steps=1,
+        **{"student.init_layers_from": str(tmp_path / "source"), "student.init_layers": "[3,0]",
+           "train.lr": 0.0, "train.warmup_steps": 0})
+    student = final_weights(tmp_path / "ckpt", "layers")
+    teacher = BertForMaskedLM.from_pretrained(tiny_teacher_dir).state_dict()
+    src = source.state_dict()
+    for s_idx, t_idx in ((0, 3), (1, 0)):
+        key = f"encoder.layer.{{}}.attention.self.query.weight"
+        assert torch.equal(student["bert." + key.format(s_idx)], src["bert." + key.format(t_idx)])
+        assert not torch.equal(student["bert." + key.format(s_idx)], teacher["bert." + key.format(t_idx)])
+    assert torch.equal(student["bert.embeddings.word_embeddings.weight"], src["bert.embeddings.word_embeddings.weight"])
+    train = [r for r in read_metrics(tmp_path / "logs" / "layers") if "train/loss" in r]
+    assert "train/kd_kl" in train[0]  # the teacher still teaches
+
+
+def test_init_layers_from_needs_a_teacher_layers_init():
+    from kd.config import validate_pretrain
+    from kd.errors import KDError
+    cfg = load_config(PretrainConfig, None, ["run_name=x", "teacher.name=t", "student.init=random", "student.init_layers_from=x"])
+    with pytest.raises(KDError, match="student.init_layers_from is for student.init=teacher_layers"):
+        validate_pretrain(cfg)

@@ -74,7 +74,14 @@ def autocast_for(device: torch.device, amp: str):
     if device.type == "cuda" and amp in ("bf16", "fp16"):
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         return lambda: torch.autocast("cuda", dtype=dtype)
+    if amp in ("bf16", "fp16") and not _warned_cpu_amp:
+        _warned_cpu_amp.append(amp)  # once per process: both entry scripts and the benches call this
+        log.info("train.amp=%s applies on CUDA only: this %s run computes in fp32 (faster on CPU); "
+                 "set train.amp=none to silence this", amp, device.type)
     return contextlib.nullcontext
+
+
+_warned_cpu_amp: list = []
 
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:

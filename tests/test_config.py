@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 
 from kd.config import PretrainConfig, parse_cli, validate_pretrain
@@ -53,3 +55,19 @@ def test_contradictory_or_invalid_options(override, message):
     cfg = parse_cli(PretrainConfig, ["--config", "configs/demo.yaml", *override.split()])
     with pytest.raises(KDError, match=message):
         validate_pretrain(cfg)
+
+
+def test_amp_on_cpu_says_once_that_it_runs_fp32(caplog, monkeypatch):
+    import logging
+
+    import torch
+
+    from kd import engine
+    monkeypatch.setattr(engine, "_warned_cpu_amp", [])
+    with caplog.at_level(logging.INFO, logger="kd.engine"):
+        for _ in range(3):
+            assert engine.autocast_for(torch.device("cpu"), "bf16") is contextlib.nullcontext
+        engine.autocast_for(torch.device("cpu"), "none")
+    said = [r.getMessage() for r in caplog.records if "applies on CUDA only" in r.getMessage()]
+    assert said == ["train.amp=bf16 applies on CUDA only: this cpu run computes in fp32 (faster on CPU); "
+                    "set train.amp=none to silence this"]

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pretraining run, plus local models named in results.json)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to time models")
     p.add_argument("--no-latency", action="store_true", help="skip latency/throughput timing")
-    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per measurement (median)")
+    p.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds per model (median and IQR over rounds)")
     return p.parse_args(argv)
 
 

@@ -5,7 +5,7 @@ compare are exported with different heads (MLM, classification or none).
 """
 import contextlib
 import statistics
-import time
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -61,50 +61,81 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, device, generat
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def median_forward_seconds(model, batch: dict, repeats: int, warmup: int) -> float:
-    """Median wall time of one forward pass; CUDA is synchronised so we time the kernels, not the launch."""
-    device = batch["input_ids"].device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(**batch)
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            model(**batch)
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _quartiles(values: List[float]) -> Tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
-def measure_latency(model_dir, device: str = "auto", repeats: int = 10, warmup: int = 3,
-                    seq_len: int = 128) -> dict:
-    """Batch-1 latency (ms) and batch-32 throughput (sequences/s) of a Hugging Face model folder.
+def measure_latencies(model_dirs: Sequence, device: str = "auto", repeats: int = 10, warmup: int = 1,
+                      seq_len: int = 128, min_run_time: float = 0.1) -> List[dict]:
+    """Batch-1 latency (ms) and batch-32 throughput (sequences/s) of Hugging Face model folders,
+    timed round robin so that load from other programs falls on every model alike.
 
-    Random token ids from the model's vocabulary, full attention mask, fp32, median of `repeats`
-    timed passes after `warmup` untimed ones. On CPU the current torch thread count is used as is.
+    Each of `repeats` rounds (after `warmup` untimed ones) times every model at both batch sizes
+    with torch.utils.benchmark (`blocked_autorange`: as many calls as fill `min_run_time`, CUDA
+    synchronised, the current thread count); we report the median over rounds and the IQR.
+    Random token ids from each model's vocabulary, full attention mask, fp32, inference mode.
+    A folder that cannot be loaded gets {"error": why} in its place.
     """
+    from torch.utils.benchmark import Timer
+
     if repeats < 1:
         raise KDError(f"repeats must be at least 1, got {repeats}")
     dev = resolve_device(device)
-    model = load_encoder(model_dir, dev)
-    seq_len = min(seq_len, model.config.max_position_embeddings)
+    models, failed = [], {}
+    for index, folder in enumerate(model_dirs):
+        try:
+            models.append(load_encoder(folder, dev))
+        except Exception as err:  # noqa: BLE001 - reported per model; one bad folder must not stop the rest
+            failed[index] = f"could not be loaded ({err})"
+    lengths = [min(seq_len, m.config.max_position_embeddings) for m in models]
     generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    b1 = median_forward_seconds(model, random_batch(vocab, 1, seq_len, dev, generator), repeats, warmup)
-    bn = median_forward_seconds(model, random_batch(vocab, THROUGHPUT_BATCH, seq_len, dev, generator),
-                                repeats, warmup)
-    result = {
-        "latency_ms_b1": b1 * 1e3,
-        "throughput_seq_s_b32": THROUGHPUT_BATCH / bn,
-        "repeats": repeats,
-        "warmup": warmup,
-        "seq_len": seq_len,
-        "device": describe_device(dev),
-        "encoder_parameters": sum(p.numel() for p in model.parameters()),
-    }
-    del model
+    calls = []  # per model: {batch size: a no-argument forward}
+    for model, length in zip(models, lengths):
+        per_size = {}
+        for size in (1, THROUGHPUT_BATCH):
+            batch = random_batch(model.config.vocab_size, size, length, dev, generator)
+            per_size[size] = Timer(stmt="forward()", globals={"forward": _forward(model, batch)},
+                                   num_threads=torch.get_num_threads())
+        calls.append(per_size)
+    seconds = [{size: [] for size in per_size} for per_size in calls]
+    for round_index in range(warmup + repeats):
+        order = list(zip(calls, seconds))
+        for per_size, timed in order if round_index % 2 else order[::-1]:  # no model always goes first
+            for size, timer in per_size.items():
+                median = timer.blocked_autorange(min_run_time=min_run_time).median
+                if round_index >= warmup:
+                    timed[size].append(median)
+    results = []
+    for model, length, timed in zip(models, lengths, seconds):
+        b1 = [t * 1e3 for t in timed[1]]
+        bn = [THROUGHPUT_BATCH / t for t in timed[THROUGHPUT_BATCH]]
+        (b1_q1, b1_med, b1_q3), (bn_q1, bn_med, bn_q3) = _quartiles(b1), _quartiles(bn)
+        results.append({"latency_ms_b1": b1_med, "latency_ms_b1_iqr": b1_q3 - b1_q1,
+                        "throughput_seq_s_b32": bn_med, "throughput_seq_s_b32_iqr": bn_q3 - bn_q1,
+                        "repeats": repeats, "warmup": warmup, "seq_len": length, "device": describe_device(dev),
+                        "encoder_parameters": sum(p.numel() for p in model.parameters())})
+    del models, calls
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    for index in sorted(failed):  # back in the order asked for
+        results.insert(index, {"error": failed[index]})
+    return results
+
+
+def _forward(model, batch: dict):
+    def forward():
+        with torch.inference_mode():
+            model(**batch)
+    return forward
+
+
+def measure_latency(model_dir, device: str = "auto", repeats: int = 10, warmup: int = 1,
+                    seq_len: int = 128) -> dict:
+    """measure_latencies for one model folder."""
+    result = measure_latencies([model_dir], device, repeats, warmup, seq_len)[0]
+    if "error" in result:
+        raise KDError(f"{model_dir}: {result['error']}")
     return result

@@ -268,28 +268,30 @@ def benchmark_table(models, results: pd.DataFrame, device: str = "auto", latency
     labels = labels or {}
     agg = aggregate_results(results)
     dev = lat.resolve_device(device) if latency else None
-    rows = []
+    folders = []
     for path in models:
         folder = Path(path)
         if not folder.is_dir():
             log.warning(f"model folder {path} does not exist: skipped")
-            continue
-        if not (folder / "config.json").is_file():
+        elif not (folder / "config.json").is_file():
             log.warning(f"{path} is not a Hugging Face model folder (no config.json): skipped")
-            continue
+        else:
+            folders.append(folder)
+    timings = [{} for _ in folders]
+    if latency and folders:  # all models together, round robin: the same load falls on each
+        log.info(f"timing {len(folders)} model(s) on {dev.type}, {repeats} interleaved rounds...")
+        timings = lat.measure_latencies(folders, device=dev.type, repeats=repeats, seq_len=seq_len)
+    rows = []
+    for folder, timing in zip(folders, timings):
         key = model_key(folder)
         row = {"model": labels.get(key) or _short_label(folder), "source": "measured", "path": _shown_path(folder),
                "params_M": np.nan, "size_MB": folder_size_mb(folder)}
         params = count_parameters(folder)
-        if latency:
-            log.info(f"timing {row['model']} on {dev.type} ({repeats} repeats)...")
-            try:
-                timing = lat.measure_latency(folder, device=dev.type, repeats=repeats, seq_len=seq_len)
-            except Exception as err:  # noqa: BLE001 - one unloadable model must not sink the whole report
-                log.warning(f"{path}: could not be loaded or timed ({err}); speed columns left empty")
-            else:
-                params = params or timing.pop("encoder_parameters")
-                row.update({k: v for k, v in timing.items() if k != "encoder_parameters"})
+        if "error" in timing:
+            log.warning(f"{folder}: {timing['error']}; speed columns left empty")
+        elif timing:
+            params = params or timing["encoder_parameters"]
+            row.update({k: v for k, v in timing.items() if k != "encoder_parameters"})
         row["params_M"] = params / 1e6 if params else np.nan
         quality = agg[agg["model_key"] == key]
         if quality.empty:
@@ -354,7 +356,9 @@ def write_benchmarks(table: pd.DataFrame, out_dir) -> list[Path]:
                               "size on disk (MB)": measured["size_MB"]})
         if "latency_ms_b1" in measured:
             shown["latency b1 (ms)"] = measured["latency_ms_b1"]
+            shown["IQR (ms)"] = measured["latency_ms_b1_iqr"]
             shown["throughput b32 (seq/s)"] = measured["throughput_seq_s_b32"]
+            shown["IQR (seq/s)"] = measured["throughput_seq_s_b32_iqr"]
         for col in _quality_columns(measured):
             shown[col] = [_mean_std(m, s, n) for m, s, n in
                           zip(measured[col], measured[f"{col} std"], measured[f"{col} n"])]
@@ -363,8 +367,9 @@ def write_benchmarks(table: pd.DataFrame, out_dir) -> list[Path]:
         if "latency_ms_b1" in measured and measured["latency_ms_b1"].notna().any():
             timed = measured.dropna(subset=["latency_ms_b1"]).iloc[0]
             lines.append(f"Speed: encoder forward only, fp32, seq {int(timed['seq_len'])}, random token ids; "
-                         f"median of {int(timed['repeats'])} timed passes after {int(timed['warmup'])} "
-                         f"warm-up passes, on {timed['device']}.")
+                         f"every model timed in turn, {int(timed['repeats'])} rounds after {int(timed['warmup'])} "
+                         f"warm-up round(s) (torch.utils.benchmark blocked_autorange); median over rounds "
+                         f"and the interquartile range, on {timed['device']}.")
         else:
             lines.append("Speed: not measured (--no-latency, or no model could be timed).")
         lines.append("Params: tensors stored in the folder's safetensors (an exported MLM head counts); "

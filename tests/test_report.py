@@ -184,3 +184,22 @@ def test_bench_json_chart(tmp_path):
                              "naive": {"tokens_per_s": 1000.0, "peak_mem_mb": 12.0, "mfu": 0.05}}})
     written = report.plot_throughput_bench(tmp_path / "logs", tmp_path / "plots")
     assert [p.name for p in written] == ["bench_throughput.png"] and written[0].stat().st_size > 1000
+
+
+def test_two_copies_of_one_model_time_alike_when_interleaved(tmp_path):
+    """Identical architectures in one report must agree within 10%: the models are timed round
+    robin, so load from other programs falls on both alike, and the median over rounds is kept."""
+    import shutil
+
+    from kd.latency import measure_latencies
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b, missing = measure_latencies([tmp_path / "a", tmp_path / "b", tmp_path / "nothing"], device="cpu",
+                                      repeats=7, seq_len=64, min_run_time=0.05)
+    assert "could not be loaded" in missing["error"]
+    for key in ("latency_ms_b1", "throughput_seq_s_b32"):
+        assert a[key] > 0 and a[f"{key}_iqr"] >= 0
+        assert abs(a[key] - b[key]) / min(a[key], b[key]) < 0.10, (key, a[key], b[key])

@@ -6,7 +6,7 @@ TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers clean
+.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ experiment: install
 # The same study plus the lever runs listed under `levers:` in configs/experiment.yaml.
 experiment-levers: install
 	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC) run_levers=true
+
+# On a CUDA machine: the bert-large bench (compile off/on, MFU), SDPA kernels, a 1-GPU torchrun
+# kill-and-resume; logs/gpu-check/gpu_check.json. Without CUDA it prints its plan and exits 0.
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 test: install
 	$(PY) -m pytest -q tests

@@ -113,10 +113,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class OursStep:
     """Engine._train_step with grad_accum=1: autocast, distill_loss, backward, clip, AdamW."""
 
-    def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None):
+    def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None, compile: bool = False):
         self.train_cfg = TrainConfig()
         self.module, self.teacher, self.device = module, teacher, device
         self.wrapped = ddp_module if ddp_module is not None else module
+        if compile:  # as train.compile=true: the trainable module (the teacher stays eager)
+            self.wrapped = torch.compile(self.wrapped)
         self.plan = make_plan(LossConfig(), pairs)
         self.optimizer = build_optimizer(module, self.train_cfg, device)
         self.autocast = autocast_for(device, self.train_cfg.amp)
@@ -265,11 +267,11 @@ def useful_flops(preset: Preset, batch_size: int) -> float:
 # ---- the benchmark ---------------------------------------------------------------------------
 
 def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: int, warmup: int,
-                  peak: MatmulPeak) -> dict:
+                  peak: MatmulPeak, compile: bool = False) -> dict:
     teacher, module, naive_teacher, naive_student, pairs = build_models(preset, device)
     batch = to_device(make_batch(batch_size, preset.seq_len), device)
     variants = {
-        "ours": OursStep(module, teacher, pairs, device),
+        "ours": OursStep(module, teacher, pairs, device, compile=compile),
         "naive": NaiveDistiller(naive_student, naive_teacher, NaiveWeights.from_loss_config(LossConfig()), device,
                                 lr=TrainConfig().lr, weight_decay=TrainConfig().weight_decay,
                                 clip=TrainConfig().clip_grad_norm),
@@ -357,6 +359,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", default=os.path.join("logs", "bench"), help="folder for <preset>-<device>.json")
+    parser.add_argument("--compile", action="store_true", help="ours under torch.compile (train.compile=true)")
     parser.add_argument("--ddp-compare", action="store_true",
                         help="also time ours with 2 gloo processes (1 thread each) on the same global batch (CPU)")
     args = parser.parse_args(argv)
@@ -374,11 +377,12 @@ def main(argv=None) -> dict:
 
     print(f"preset {args.preset}: teacher {preset.layers}x{preset.hidden} ({preset.heads} heads, FFN {preset.ffn}), "
           f"student {preset.student_layers}x{preset.hidden}, vocab {VOCAB}, seq {preset.seq_len}, batch {batch_size}, "
-          f"device {device} ({torch.get_num_threads()} threads), {warmup} warm-up + {steps} timed steps per variant",
+          f"device {device} ({torch.get_num_threads()} threads), {warmup} warm-up + {steps} timed steps per variant"
+          f"{', ours under torch.compile' if args.compile else ''}",
           flush=True)
     probe = MatmulPeak(device)
     probe.probe(5)
-    results, flops = run_benchmark(preset, batch_size, device, steps, warmup, probe)
+    results, flops = run_benchmark(preset, batch_size, device, steps, warmup, probe, compile=args.compile)
     probe.probe(5)
     peak = probe.flops
     print(f"dense matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'}, best square matmul probed before, "
@@ -395,7 +399,7 @@ def main(argv=None) -> dict:
 
     report = {"preset": args.preset, "device": device.type, "batch_size": batch_size, "seq_len": preset.seq_len,
               "variants": results, "ratio": results["ours"]["tokens_per_s"] / results["naive"]["tokens_per_s"],
-              "matmul_peak_tflops": peak / 1e12, "useful_gflop_per_step": flops / 1e9,
+              "matmul_peak_tflops": peak / 1e12, "useful_gflop_per_step": flops / 1e9, "compile": args.compile,
               "peak_mem_method": mem_kind, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads()}
 
     if args.ddp_compare:
@@ -420,7 +424,7 @@ def main(argv=None) -> dict:
                       "ranks use 2 cores in all, so this ratio mixes DDP's scaling with the extra core.")
 
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.preset}-{device.type}.json")
+    path = os.path.join(args.out, f"{args.preset}-{device.type}{'-compile' if args.compile else ''}.json")
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2)
     print(f"wrote {path}")

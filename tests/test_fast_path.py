@@ -126,3 +126,11 @@ def test_cuda_fast_path_uses_bf16_teacher_and_fused_adamw():
     assert step.optimizer.defaults["fused"] is True
     loss = step.step(to_device(make_batch(4, 32), device))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour; on a GPU run `make gpu-check` itself")
+def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
+    result = run_script([PY, "bench/gpu_check.py"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA device here" in result.stdout
+    assert "--preset bert-large" in result.stdout and "SIGKILL" in result.stdout

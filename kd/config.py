@@ -57,8 +57,10 @@ class StudentConfig:
     hidden_size: Optional[int] = None       # None: the teacher's width
     num_heads: Optional[int] = None         # None: the teacher's (or hidden_size // 64)
     intermediate_size: Optional[int] = None  # None: 4 * hidden_size
-    # teacher_layers | random | pretrained:<path, hub name or packaged-minilm>
+    # teacher_layers | pruned | random | pretrained:<path, hub name or packaged-minilm>
+    # pruned: the teacher's most important layers, heads, FFN neurons and channels (kd/prune.py)
     init: str = "teacher_layers"
+    prune_calibration_batches: int = 8  # train.batch_size blocks each, for the pruning importance
     init_layers: Optional[List[int]] = None  # teacher layers copied by teacher_layers init
     # teacher_layers copies from this model instead of the teacher (same architecture): e.g. the
     # final teacher's layers for a student taught by an earlier, weaker copy of it, so that students
@@ -232,10 +234,15 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check_choice(cfg.data.on_bad_bytes, ["skip", "error"], "data.on_bad_bytes")
     validate_train(cfg.train)
     init = cfg.student.init
-    if not (init in ("teacher_layers", "random") or init.startswith("pretrained:")):
-        raise KDError(f"student.init={init!r}: use teacher_layers, random or pretrained:<path>")
+    if not (init in ("teacher_layers", "pruned", "random") or init.startswith("pretrained:")):
+        raise KDError(f"student.init={init!r}: use teacher_layers, pruned, random or pretrained:<path>")
+    if init == "pruned" and not cfg.teacher.name:
+        raise KDError("student.init=pruned slices the teacher, but teacher.name is not set: name the teacher "
+                      "to prune, or use student.init=random")
+    if init == "pruned" and cfg.student.prune_calibration_batches < 1:
+        raise KDError(f"student.prune_calibration_batches={cfg.student.prune_calibration_batches} must be >= 1")
     cached = validate_teacher_cache_use(cfg)
-    copies_teacher = init == "teacher_layers" and not cfg.student.init_layers_from
+    copies_teacher = (init == "teacher_layers" and not cfg.student.init_layers_from) or init == "pruned"
     if cfg.student.init_layers_from and init != "teacher_layers":
         raise KDError(f"student.init_layers_from is for student.init=teacher_layers, not {init!r}; unset one")
     needs_teacher = (not cached and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0)) or copies_teacher

@@ -112,6 +112,23 @@ def copy_teacher_layers(student: BertForMaskedLM, teacher: BertForMaskedLM, laye
     student.tie_weights()
 
 
+def build_pruned_student(student_cfg, teacher: BertForMaskedLM, calibration) -> Tuple[BertForMaskedLM, dict]:
+    """student.init=pruned: the teacher's most important layers, heads, neurons and channels
+    (kd/prune.py), ranked on `calibration` (an iterable of input-id batches). Returns the student
+    and the ranking."""
+    from kd.prune import check_pruned_shape, prune_into
+
+    shape = check_pruned_shape(student_cfg, teacher.config)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers, config.hidden_size = shape["num_layers"], shape["hidden_size"]
+    config.num_attention_heads, config.intermediate_size = shape["num_heads"], shape["intermediate_size"]
+    config._attn_implementation = "sdpa"
+    config.dtype = torch.float32
+    student = BertForMaskedLM(config)
+    ranking = prune_into(teacher, student, shape, calibration)
+    return student.float(), ranking
+
+
 def build_student(student_cfg, teacher: Optional[BertForMaskedLM], vocab_size: int) -> BertForMaskedLM:
     init = student_cfg.init
     if init.startswith("pretrained:"):

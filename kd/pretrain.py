@@ -4,6 +4,7 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from kd import dist
@@ -15,9 +16,10 @@ from kd.data.masking import masking_spec_for
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
 from kd.logger import setup_console_logging, write_run_files
-from kd.models import (DistillationStudent, build_student, count_parameters, default_hidden_map,
-                       load_mlm_model, load_teacher, load_tokenizer)
+from kd.models import (DistillationStudent, build_pruned_student, build_student, count_parameters,
+                       default_hidden_map, load_mlm_model, load_teacher, load_tokenizer)
 from kd.objective import distill_loss, evaluate_mlm, make_plan
+from kd.prune import write_ranking
 from kd.teacher_cache import TOKENIZER_DIR, CachedTeacherCollate, open_for_training
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,16 @@ def check_compatible(cfg, tokenizer, teacher) -> None:
                           f"({teacher.config.max_position_embeddings}); lower data.seq_len")
 
 
+def calibration_batches(cfg, train_blocks):
+    """student.prune_calibration_batches batches of train.batch_size training blocks, drawn with
+    train.seed: the same on every rank, so every rank prunes to the same student."""
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    count = min(len(train_blocks), cfg.student.prune_calibration_batches * cfg.train.batch_size)
+    picked = torch.randperm(len(train_blocks), generator=gen)[:count].sort().values.tolist()
+    blocks = torch.from_numpy(np.asarray(train_blocks[picked], dtype=np.int64))
+    return list(blocks.split(cfg.train.batch_size))
+
+
 def run_pretraining(cfg) -> dict:
     validate_pretrain(cfg)
     return dist.run_in_process_group(cfg.train.device, lambda info: _run(cfg, info))
@@ -82,15 +94,24 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     plan_needs_teacher = (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0) and cache is None
     copies_layers = cfg.student.init == "teacher_layers"
     teacher = None
-    if plan_needs_teacher or (copies_layers and not cfg.student.init_layers_from):
+    if plan_needs_teacher or cfg.student.init == "pruned" or (copies_layers and not cfg.student.init_layers_from):
         teacher = load_teacher(cfg.teacher, info.device)
     check_compatible(cfg, tokenizer, teacher)
-    layer_source = teacher
-    if copies_layers and cfg.student.init_layers_from:  # layers from another model; freed once copied
-        layer_source = load_mlm_model(cfg.student.init_layers_from, "student.init_layers_from", require_head=True)
-        log.info("student layers copied from %s", cfg.student.init_layers_from)
-    student = build_student(cfg.student, layer_source, len(tokenizer))
-    del layer_source
+    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
+    log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
+             cfg.data.seq_len)
+    if cfg.student.init == "pruned":
+        student, ranking = build_pruned_student(cfg.student, teacher, calibration_batches(cfg, train_blocks))
+        if info.is_main:
+            log.info("pruning ranking written to %s", write_ranking(ranking, log_dir))
+    else:
+        layer_source = teacher
+        if copies_layers and cfg.student.init_layers_from:  # layers from another model; freed once copied
+            layer_source = load_mlm_model(cfg.student.init_layers_from, "student.init_layers_from",
+                                          require_head=True)
+            log.info("student layers copied from %s", cfg.student.init_layers_from)
+        student = build_student(cfg.student, layer_source, len(tokenizer))
+        del layer_source
     if cfg.data.seq_len > student.config.max_position_embeddings:
         raise KDError(f"data.seq_len={cfg.data.seq_len} exceeds the student's max_position_embeddings "
                       f"({student.config.max_position_embeddings}); lower data.seq_len")
@@ -104,9 +125,6 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
              student.config.hidden_size, count_parameters(student) / 1e6, list(plan.weights))
 
-    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
-    log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
-             cfg.data.seq_len)
     train_spec = masking_spec_for(tokenizer, cfg.data)
     eval_spec = masking_spec_for(tokenizer, cfg.data, static=True)  # the same masks at every eval
     collate, eval_collate = MLMCollate(train_spec), MLMCollate(eval_spec)

@@ -101,6 +101,14 @@ class LossConfig:
     hidden_include_embeddings: bool = False
     kd_loss_scale: Optional[float] = None  # if set, rescale KD terms to this multiple of the MLM loss
     topk_mode: str = "renormalize"      # with teacher_cache.path: renormalize (over the k ids) | lse_tail
+    # Attention-based terms (0 = off). Each reads the Q/K/V projections of the layers it compares;
+    # attention itself stays on SDPA everywhere (kd.models.capture_qkv).
+    alpha_attn_kl: float = 0.0          # MiniLM v1: KL of the self-attention distributions (same head count)
+    alpha_relation_kl: float = 0.0      # MiniLM v2: Q-Q, K-K and V-V relation KL, summed (any width, any heads)
+    alpha_attn_mse: float = 0.0         # TinyBERT: MSE of attention scores on the hidden-layer map's layers
+    relation_heads: int = 16            # MiniLM v2 relation heads: must divide both widths (48-64 in the paper)
+    attn_student_layer: Optional[int] = None  # encoder layer (0-based) of the MiniLM terms; None: the last
+    attn_teacher_layer: Optional[int] = None  # None: the last (v2 picks an upper-middle one for large teachers)
 
 
 @dataclass
@@ -245,7 +253,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     copies_teacher = (init == "teacher_layers" and not cfg.student.init_layers_from) or init == "pruned"
     if cfg.student.init_layers_from and init != "teacher_layers":
         raise KDError(f"student.init_layers_from is for student.init=teacher_layers, not {init!r}; unset one")
-    needs_teacher = (not cached and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0)) or copies_teacher
+    teacher_terms = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or any(
+        getattr(cfg.loss, k) > 0 for k in ATTENTION_ALPHAS)
+    needs_teacher = (not cached and teacher_terms) or copies_teacher
     if cached and copies_teacher and not cfg.teacher.name:
         raise KDError("student.init=teacher_layers copies the teacher's weights, so it needs teacher.name even "
                       "with teacher_cache.path (the teacher is loaded for the init only, then freed). Set "
@@ -264,6 +274,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
                       "loss.alpha_mlm > 0 (or unset loss.kd_loss_scale)")
 
 
+ATTENTION_ALPHAS = ("alpha_attn_kl", "alpha_relation_kl", "alpha_attn_mse")
+
+
 def validate_teacher_cache_use(cfg: PretrainConfig) -> bool:
     """Training from a teacher cache: what a cache cannot give is refused here. True if one is used."""
     check_choice(cfg.loss.topk_mode, ["renormalize", "lse_tail"], "loss.topk_mode")
@@ -274,6 +287,11 @@ def validate_teacher_cache_use(cfg: PretrainConfig) -> bool:
         raise KDError(f"loss.alpha_hidden={cfg.loss.alpha_hidden} but teacher_cache.path is set: hidden-state "
                       f"losses need the teacher's hidden states, and a teacher cache holds only its top-k "
                       f"logits. Set loss.alpha_hidden=0, or unset teacher_cache.path to run the teacher online.")
+    attention = [k for k in ATTENTION_ALPHAS if getattr(cfg.loss, k) > 0]
+    if attention:
+        raise KDError(f"loss.{attention[0]}={getattr(cfg.loss, attention[0])} but teacher_cache.path is set: attention "
+                      f"terms need the teacher's queries and keys, and a teacher cache holds only its top-k logits. "
+                      f"Set loss.{attention[0]}=0, or unset teacher_cache.path to run the teacher online.")
     if cfg.loss.kd_positions != "masked":
         raise KDError("loss.kd_positions=all needs the teacher at every position, but a teacher cache holds "
                       "the masked positions only; use loss.kd_positions=masked, or unset teacher_cache.path.")

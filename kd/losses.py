@@ -7,6 +7,7 @@ Every function returns a scalar averaged over the positions it is given. Choices
 - from an offline teacher cache, `topk_kl` compares against the teacher's top-k only (renormalised
   over the k ids, or with the teacher's tail mass as a (k+1)-th bucket).
 """
+import math
 from typing import Dict, Optional
 
 import torch
@@ -120,3 +121,65 @@ def topk_kl(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor, teache
     else:
         raise ValueError(f"mode must be renormalize or lse_tail, got {mode!r}")
     return _scaled_kl(s_logp, t_logp, temperature, direction, mask)
+
+
+# ---- attention-based terms (MiniLM v1/v2, TinyBERT) --------------------------------------------
+# Inputs are the query / key / value projections of one layer, (B, S, width), as the layer computed
+# them (kd.models.capture_qkv); `mask` (B, S) marks real tokens: padded keys get no attention and
+# padded query rows are left out of the mean.
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, W) -> (B, heads, S, W / heads)."""
+    b, s, w = x.shape
+    if w % heads:
+        raise ValueError(f"width {w} does not split into {heads} heads")
+    return x.float().reshape(b, s, heads, w // heads).transpose(1, 2)
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled dot products per head, (B, heads, S, S)."""
+    a_h, b_h = _heads(a, heads), _heads(b, heads)
+    return a_h @ b_h.transpose(-1, -2) / math.sqrt(a_h.size(-1))
+
+
+def _row_log_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return F.log_softmax(scores, dim=-1)
+
+
+def _rows_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """KL(teacher || student) per (head, query row), mean over heads and real query rows."""
+    t_p = t_logp.exp()
+    # padded keys have probability 0 on both sides: they contribute 0 (not 0 * (-inf + inf))
+    per_key = torch.where(t_p > 0, t_p * (t_logp - s_logp), torch.zeros_like(t_p))
+    per_row = per_key.sum(-1).mean(1)  # (B, S): summed over keys, averaged over heads
+    return _masked_mean(per_row, mask)
+
+
+def attention_kl(s_q: torch.Tensor, s_k: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor, heads: int,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MiniLM v1: KL(teacher || student) between the self-attention distributions softmax(QK^T/sqrt(d))
+    of one layer each, head by head (both models have `heads` heads; head widths may differ)."""
+    return _rows_kl(_row_log_softmax(_scores(s_q, s_k, heads), mask),
+                    _row_log_softmax(_scores(t_q, t_k, heads), mask), mask)
+
+
+def relation_kl(s_x: torch.Tensor, t_x: torch.Tensor, relation_heads: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MiniLM v2 self-relation: split queries (or keys, or values) into `relation_heads` heads,
+    relation = softmax(x_r x_r^T / sqrt(d_r)), KL(teacher || student) per head and row. The
+    relations are S x S whatever the widths, so the student needs no projection."""
+    return _rows_kl(_row_log_softmax(_scores(s_x, s_x, relation_heads), mask),
+                    _row_log_softmax(_scores(t_x, t_x, relation_heads), mask), mask)
+
+
+def attention_score_mse(s_q: torch.Tensor, s_k: torch.Tensor, t_q: torch.Tensor, t_k: torch.Tensor, heads: int,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """TinyBERT: MSE between the attention scores QK^T/sqrt(d) (before the softmax), head by head,
+    mean over heads and the (query, key) pairs of real tokens."""
+    sq_err = (_scores(s_q, s_k, heads) - _scores(t_q, t_k, heads)).pow(2).mean(1)  # (B, S, S)
+    if mask is None:
+        return sq_err.mean()
+    pairs = mask.bool()[:, :, None] & mask.bool()[:, None, :]
+    return _masked_mean(sq_err, pairs)

@@ -1,8 +1,9 @@
 """Teacher loading, student construction and initialisation, and the gathered-head MLM forward."""
+import contextlib
 import copy
 import logging
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -183,28 +184,54 @@ def mlm_forward(model: BertForMaskedLM, input_ids: torch.Tensor, positions: Opti
     return logits, (out.hidden_states if output_hidden_states else None)
 
 
+@contextlib.contextmanager
+def capture_qkv(model: BertForMaskedLM, layers: Sequence[int]):
+    """Within the block, the query / key / value projections (B, S, width) of the given encoder
+    layers, as {layer: (q, k, v)}, filled by forward hooks as the model runs. Attention itself still
+    runs through SDPA in every layer: the attention terms recompute what they need from Q and K of
+    the few layers they read, so no layer has to fall back to eager attention."""
+    captured: Dict[int, Dict[str, torch.Tensor]] = {}
+    handles = []
+    for layer in sorted(set(layers)):
+        attention = model.bert.encoder.layer[layer].attention.self
+        for name in ("query", "key", "value"):
+            def hook(_module, _inputs, output, layer=layer, name=name):
+                captured.setdefault(layer, {})[name] = output
+            handles.append(getattr(attention, name).register_forward_hook(hook))
+    views: Dict[int, Tuple[torch.Tensor, ...]] = {}
+    try:
+        yield views
+    finally:
+        for handle in handles:
+            handle.remove()
+        views.update({layer: (c["query"], c["key"], c["value"]) for layer, c in captured.items()})
+
+
 class DistillationStudent(nn.Module):
     """The trainable part: the student plus the projections of its hidden states to the teacher's
     width. Wrapped in DDP as one module; the teacher stays outside (frozen, never synchronised)."""
 
     def __init__(self, student: BertForMaskedLM, hidden_pairs: Sequence[Tuple[int, int]],
-                 teacher_width: Optional[int]):
+                 teacher_width: Optional[int], attention_layers: Sequence[int] = ()):
         super().__init__()
         self.student = student
         self.hidden_pairs = list(hidden_pairs)
+        self.attention_layers = sorted(set(attention_layers))  # layers whose Q/K/V the attention terms read
         width = student.config.hidden_size
         needs_projection = teacher_width is not None and teacher_width != width and self.hidden_pairs
         self.projections = nn.ModuleList(
             [nn.Linear(width, teacher_width) for _ in self.hidden_pairs] if needs_projection else [])
 
     def forward(self, input_ids, positions=None, attention_mask=None):
-        logits, hidden = mlm_forward(self.student, input_ids, positions, attention_mask,
-                                     output_hidden_states=bool(self.hidden_pairs))
+        """(logits, hidden states of the pairs mapped to the teacher's width, {layer: (q, k, v)})."""
+        with capture_qkv(self.student, self.attention_layers) as qkv:
+            logits, hidden = mlm_forward(self.student, input_ids, positions, attention_mask,
+                                         output_hidden_states=bool(self.hidden_pairs))
         mapped = []
         for i, (s_idx, _t_idx) in enumerate(self.hidden_pairs):
             h = hidden[s_idx]
             mapped.append(self.projections[i](h) if len(self.projections) else h)
-        return logits, mapped
+        return logits, mapped, qkv
 
 
 def count_parameters(module: nn.Module) -> int:

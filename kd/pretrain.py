@@ -9,7 +9,7 @@ import torch
 
 from kd import dist
 from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
-from kd.config import to_dict, to_yaml, validate_pretrain
+from kd.config import ATTENTION_ALPHAS, to_dict, to_yaml, validate_pretrain
 from kd.data.blocks import load_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.masking import masking_spec_for
@@ -18,7 +18,7 @@ from kd.errors import KDError
 from kd.logger import setup_console_logging, write_run_files
 from kd.models import (DistillationStudent, build_pruned_student, build_student, count_parameters,
                        default_hidden_map, load_mlm_model, load_teacher, load_tokenizer)
-from kd.objective import distill_loss, evaluate_mlm, make_plan
+from kd.objective import attention_terms_for, distill_loss, evaluate_mlm, make_plan
 from kd.prune import write_ranking
 from kd.teacher_cache import TOKENIZER_DIR, CachedTeacherCollate, open_for_training
 
@@ -91,7 +91,8 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         cache = open_for_training(cfg, tokenizer, cfg.teacher.name)
     elif cfg.teacher_cache.path:
         log.info("loss.alpha_kd=0: teacher_cache.path is not used")
-    plan_needs_teacher = (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0) and cache is None
+    plan_needs_teacher = cache is None and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or any(
+        getattr(cfg.loss, key) > 0 for key in ATTENTION_ALPHAS))
     copies_layers = cfg.student.init == "teacher_layers"
     teacher = None
     if plan_needs_teacher or cfg.student.init == "pruned" or (copies_layers and not cfg.student.init_layers_from):
@@ -117,11 +118,15 @@ def _run(cfg, info: dist.DistInfo) -> dict:
                       f"({student.config.max_position_embeddings}); lower data.seq_len")
     num_teacher = teacher.config.num_hidden_layers if teacher is not None else None
     pairs = hidden_pairs_for(cfg, num_teacher, student.config.num_hidden_layers)
-    plan = make_plan(cfg.loss, pairs, from_cache=cache is not None)
+    attention = [] if cache is not None else attention_terms_for(
+        cfg.loss, teacher.config if teacher is not None else None, student.config)
+    plan = make_plan(cfg.loss, pairs, from_cache=cache is not None, attention_terms=attention,
+                     attention_heads=student.config.num_attention_heads)
     if not plan.use_teacher:
         teacher = None  # only needed for the initial weights: free it (no-KD baseline, teacher cache)
     module = DistillationStudent(student, plan.hidden_pairs,
-                                 teacher.config.hidden_size if teacher is not None else None)
+                                 teacher.config.hidden_size if teacher is not None else None,
+                                 plan.student_attention_layers)
     log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
              student.config.hidden_size, count_parameters(student) / 1e6, list(plan.weights))
 
@@ -157,6 +162,8 @@ def _run(cfg, info: dist.DistInfo) -> dict:
 
     fingerprint = {"student": to_dict(cfg.student), "teacher": cfg.teacher.name,
                    "seq_len": cfg.data.seq_len, "hidden_pairs": [list(p) for p in plan.hidden_pairs]}
+    if plan.attention_terms:
+        fingerprint["attention_terms"] = [t.name for t in plan.attention_terms]
     if cache is not None:  # a run resumes only onto the same cached teacher rows
         fingerprint["teacher_cache"] = cache.content_id
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint)

@@ -47,7 +47,7 @@ def test_width_mismatch_needs_random_init_and_gets_a_projection(teacher):
     student = build_student(StudentConfig(num_layers=2, hidden_size=32, num_heads=2, init="random"), teacher, 30522)
     module = DistillationStudent(student, [(1, 2), (2, 4)], teacher_width=64)
     ids = torch.randint(1000, 2000, (2, 16))
-    logits, hidden = module(ids, torch.tensor([[1, 5], [2, 3]]))
+    logits, hidden, _ = module(ids, torch.tensor([[1, 5], [2, 3]]))
     assert logits.shape == (2, 2, 30522)
     assert [h.shape[-1] for h in hidden] == [64, 64]
 

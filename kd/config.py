@@ -84,6 +84,8 @@ class DataConfig:
     mlm_probability: float = 0.15
     static_masks: bool = False          # same mask for a block in every epoch (teacher cache needs it)
     mask_seed: int = 1234
+    mask_weighting: str = "uniform"     # uniform | rare: positions weighted by count^-mask_smoothing (DistilBERT)
+    mask_smoothing: float = 0.7         # DistilBERT's mlm_smoothing
     on_bad_bytes: str = "skip"          # skip (counted) | error, for undecodable text files
     cache_dir: str = "cache"
 
@@ -240,6 +242,10 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check_choice(cfg.loss.kd_direction, ["forward", "reverse"], "loss.kd_direction")
     check_choice(cfg.loss.hidden_loss, ["mse", "cosine"], "loss.hidden_loss")
     check_choice(cfg.data.on_bad_bytes, ["skip", "error"], "data.on_bad_bytes")
+    check_choice(cfg.data.mask_weighting, ["uniform", "rare"], "data.mask_weighting")
+    if cfg.data.mask_weighting == "rare" and cfg.teacher_cache.path:
+        raise KDError("data.mask_weighting=rare draws masks from corpus token counts, which a teacher cache's "
+                      "masks do not use; set data.mask_weighting=uniform, or unset teacher_cache.path")
     validate_train(cfg.train)
     init = cfg.student.init
     if not (init in ("teacher_layers", "pruned", "random") or init.startswith("pretrained:")):

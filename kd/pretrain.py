@@ -12,7 +12,7 @@ from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
 from kd.config import ATTENTION_ALPHAS, to_dict, to_yaml, validate_pretrain
 from kd.data.blocks import load_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
-from kd.data.masking import masking_spec_for
+from kd.data.masking import masking_spec_for, rare_token_weights
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
 from kd.logger import setup_console_logging, write_run_files
@@ -130,7 +130,10 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     log.info("student: %d layers x %d, %.1fM parameters; loss terms %s", student.config.num_hidden_layers,
              student.config.hidden_size, count_parameters(student) / 1e6, list(plan.weights))
 
-    train_spec = masking_spec_for(tokenizer, cfg.data)
+    weights = None
+    if cfg.data.mask_weighting == "rare":
+        weights = rare_token_weights(train_blocks, len(tokenizer), cfg.data.mask_smoothing)
+    train_spec = masking_spec_for(tokenizer, cfg.data, token_weights=weights)
     eval_spec = masking_spec_for(tokenizer, cfg.data, static=True)  # the same masks at every eval
     collate, eval_collate = MLMCollate(train_spec), MLMCollate(eval_spec)
     if cache is not None:

@@ -7,7 +7,8 @@ from kd.errors import KDError
 
 
 def test_presets_parse_and_validate():
-    for preset in ("configs/demo.yaml", "configs/demo_teacher.yaml", "configs/bert_large_to_6l.yaml"):
+    for preset in ("configs/demo.yaml", "configs/demo_teacher.yaml", "configs/bert_large_to_6l.yaml",
+                   "configs/distilbert.yaml"):
         cfg = parse_cli(PretrainConfig, ["--config", preset])
         validate_pretrain(cfg)
         assert cfg.run_name

@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from kd.data.masking import MaskingSpec, mask_batch, mask_block, num_predictions
@@ -67,3 +69,25 @@ def test_mask_batch_shapes():
     batch = mask_batch([block(), block(start=5000)], [0, 1], SPEC, epoch=0)
     assert batch["input_ids"].shape == (2, 128)
     assert batch["masked_positions"].shape == batch["mlm_labels"].shape == (2, 19)
+
+
+def test_rare_token_weighting_masks_rare_tokens_more_often():
+    """DistilBERT's count^-0.7: a token 100x rarer is 100^0.7 ~ 25x likelier to be picked per occurrence."""
+    from kd.data.masking import rare_token_weights
+    common, rare = 2000, 3000
+    blocks = np.full((200, 64), common, dtype=np.uint16)
+    blocks[:, 0], blocks[:, -1] = 101, 102
+    blocks[::100, 10] = rare                      # 2 occurrences of `rare` against ~12,400 of `common`
+    weights = rare_token_weights(blocks, 30522, 0.7)
+    assert weights[rare] / weights[common] == pytest.approx((12398 / 2) ** 0.7, rel=1e-3)
+    uniform = MaskingSpec(mask_token_id=103, vocab_size=30522, special_ids=(0, 100, 101, 102, 103), seed=3)
+    weighted = MaskingSpec(103, 30522, (0, 100, 101, 102, 103), seed=3, token_weights=weights)
+    block = torch.from_numpy(blocks[0].astype(np.int64))
+    hits = {"uniform": 0, "weighted": 0}
+    for epoch in range(200):
+        for name, spec in (("uniform", uniform), ("weighted", weighted)):
+            _, positions, labels = mask_block(block, spec, epoch, 0)
+            assert len(positions) == num_predictions(64, 0.15) and len(set(positions.tolist())) == len(positions)
+            hits[name] += int((labels == rare).sum())
+    assert hits["weighted"] == 200                # dominated by its weight: picked in every draw
+    assert hits["uniform"] < 60                   # ~9 of 62 candidates: ~15% of draws

@@ -133,3 +133,17 @@ def test_init_layers_from_needs_a_teacher_layers_init():
     cfg = load_config(PretrainConfig, None, ["run_name=x", "teacher.name=t", "student.init=random", "student.init_layers_from=x"])
     with pytest.raises(KDError, match="student.init_layers_from is for student.init=teacher_layers"):
         validate_pretrain(cfg)
+
+
+def test_the_distilbert_recipe_runs_with_its_own_choices(tmp_path, tiny_teacher_dir, corpus_file, shared_cache):
+    """configs/distilbert.yaml's loss and masking on the tiny models: KL at every position, cosine on
+    the last hidden layer only (hidden_states 2 <- 4), rare-token masks; the eval masks stay uniform."""
+    from kd.config import parse_cli
+    preset = parse_cli(PretrainConfig, ["--config", "configs/distilbert.yaml"])
+    assert (preset.loss.kd_positions, preset.loss.hidden_layer_map, preset.data.mask_weighting) == \
+        ("all", [[6, 12]], "rare")
+    run(tmp_path, tiny_teacher_dir, corpus_file, shared_cache, run_name="db", steps=2,
+        **{"loss.kd_positions": "all", "loss.hidden_layer_map": "[[2,4]]", "data.mask_weighting": "rare"})
+    train = [r for r in read_metrics(tmp_path / "logs" / "db") if "train/loss" in r]
+    assert {k for k in train[0] if k.startswith("train/")} == {"train/loss", "train/mlm_ce", "train/kd_kl",
+                                                               "train/hidden_cos_2_4"}

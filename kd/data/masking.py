@@ -9,8 +9,8 @@ Each block's mask is drawn from its own generator seeded by (seed, epoch, block 
 masks reproducible without saving RNG state (exact resume) and lets the same mask be drawn again
 elsewhere (a teacher cache). Static masks use epoch 0 in every epoch.
 """
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ class MaskingSpec:
     probability: float = 0.15
     seed: int = 0
     static: bool = False
+    # Per-token-id weights for choosing positions (DistilBERT's rare-token masking); None: uniform.
+    token_weights: Optional[torch.Tensor] = field(default=None, compare=False)
 
 
 def num_predictions(seq_len: int, probability: float) -> int:
@@ -43,7 +45,11 @@ def mask_block(tokens: torch.Tensor, spec: MaskingSpec, epoch: int, block_index:
     k = num_predictions(tokens.numel(), spec.probability)
     if candidates.numel() < k:
         raise ValueError(f"block {block_index} has {candidates.numel()} maskable tokens, need {k}")
-    positions = candidates[torch.randperm(candidates.numel(), generator=gen)[:k]].sort().values
+    if spec.token_weights is None:
+        picked = torch.randperm(candidates.numel(), generator=gen)[:k]
+    else:  # k positions without replacement, each with probability ~ its token's weight
+        picked = torch.multinomial(spec.token_weights[tokens[candidates].long()], k, replacement=False, generator=gen)
+    positions = candidates[picked].sort().values
     labels = tokens[positions].clone()
     roll = torch.rand(k, generator=gen)
     random_ids = torch.randint(0, spec.vocab_size, (k,), generator=gen, dtype=tokens.dtype)
@@ -65,8 +71,19 @@ def mask_batch(blocks: Sequence[torch.Tensor], block_indices: Sequence[int], spe
     }
 
 
-def masking_spec_for(tokenizer, data_cfg, static: bool = None) -> MaskingSpec:
+def rare_token_weights(blocks: np.ndarray, vocab_size: int, smoothing: float) -> torch.Tensor:
+    """DistilBERT's mlm_smoothing: weight max(count, 1)^-smoothing per token id, counts over `blocks`,
+    so rare tokens are masked more often than their frequency alone would give."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(blocks), 4096):  # in slices: the blocks may be a memory-mapped corpus
+        counts += np.bincount(np.asarray(blocks[start:start + 4096]).ravel(), minlength=vocab_size)[:vocab_size]
+    return torch.from_numpy(np.maximum(counts, 1).astype(np.float64) ** -smoothing).float()
+
+
+def masking_spec_for(tokenizer, data_cfg, static: bool = None, token_weights=None) -> MaskingSpec:
+    """`token_weights` (rare_token_weights) for training masks with data.mask_weighting=rare; held-out
+    masks stay uniform, so runs with either weighting are scored on the same masks."""
     return MaskingSpec(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
                        probability=data_cfg.mlm_probability, seed=data_cfg.mask_seed,
-                       static=data_cfg.static_masks if static is None else static)
+                       static=data_cfg.static_masks if static is None else static, token_weights=token_weights)

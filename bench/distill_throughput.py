@@ -18,6 +18,7 @@ Weights are random (right shapes, fixed seed): throughput does not depend on wha
 The last line printed is `ours/naive tokens/s ratio: X.XX`.
 """
 import argparse
+import copy
 import ctypes
 import json
 import os
@@ -43,7 +44,7 @@ from kd.data.masking import MaskingSpec, mask_batch, num_predictions  # noqa: E4
 from kd.engine import autocast_for, build_optimizer  # noqa: E402
 from kd.flops import forward_flops as kd_forward_flops  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map  # noqa: E402
-from kd.objective import distill_loss, make_plan  # noqa: E402
+from kd.objective import attention_terms_for, distill_loss, make_plan  # noqa: E402
 
 VOCAB = 30522
 MASK_ID, SPECIAL_IDS = 103, (0, 100, 101, 102, 103)  # bert-base-uncased [PAD] [UNK] [CLS] [SEP] [MASK]
@@ -113,13 +114,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class OursStep:
     """Engine._train_step with grad_accum=1: autocast, distill_loss, backward, clip, AdamW."""
 
-    def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None, compile: bool = False):
+    def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None, compile: bool = False,
+                 loss_cfg: Optional[LossConfig] = None):
         self.train_cfg = TrainConfig()
         self.module, self.teacher, self.device = module, teacher, device
         self.wrapped = ddp_module if ddp_module is not None else module
         if compile:  # as train.compile=true: the trainable module (the teacher stays eager)
             self.wrapped = torch.compile(self.wrapped)
-        self.plan = make_plan(LossConfig(), pairs)
+        loss_cfg = loss_cfg or LossConfig()
+        terms = attention_terms_for(loss_cfg, teacher.config, module.student.config)
+        self.plan = make_plan(loss_cfg, pairs, attention_terms=terms,
+                              attention_heads=module.student.config.num_attention_heads)
+        module.attention_layers = self.plan.student_attention_layers
         self.optimizer = build_optimizer(module, self.train_cfg, device)
         self.autocast = autocast_for(device, self.train_cfg.amp)
 
@@ -266,8 +272,13 @@ def useful_flops(preset: Preset, batch_size: int) -> float:
 
 # ---- the benchmark ---------------------------------------------------------------------------
 
+# --attention-terms: the default step plus one attention term each (their cost beside the default)
+ATTENTION_VARIANTS = {"ours+attn_kl": {"alpha_attn_kl": 1.0}, "ours+relation_kl": {"alpha_relation_kl": 1.0},
+                      "ours+attn_mse": {"alpha_attn_mse": 1.0}}
+
+
 def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: int, warmup: int,
-                  peak: MatmulPeak, compile: bool = False) -> dict:
+                  peak: MatmulPeak, compile: bool = False, attention_terms: bool = False) -> dict:
     teacher, module, naive_teacher, naive_student, pairs = build_models(preset, device)
     batch = to_device(make_batch(batch_size, preset.seq_len), device)
     variants = {
@@ -277,6 +288,12 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
                                 clip=TrainConfig().clip_grad_norm),
     }
     models = {"ours": (teacher, module), "naive": (naive_teacher, naive_student)}
+    if attention_terms:  # same weights (a copy of the module each, so the optimizers do not interfere)
+        for name, alphas in ATTENTION_VARIANTS.items():
+            copy_module = copy.deepcopy(module)
+            variants[name] = OursStep(copy_module, teacher, pairs, device, compile=compile,
+                                      loss_cfg=LossConfig(**alphas))
+            models[name] = (teacher, copy_module)
     for name, variant in variants.items():
         for _ in range(warmup):
             variant.step(batch)
@@ -360,6 +377,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", default=os.path.join("logs", "bench"), help="folder for <preset>-<device>.json")
     parser.add_argument("--compile", action="store_true", help="ours under torch.compile (train.compile=true)")
+    parser.add_argument("--attention-terms", action="store_true",
+                        help="also time ours + each attention term (MiniLM v1/v2, TinyBERT), interleaved")
     parser.add_argument("--ddp-compare", action="store_true",
                         help="also time ours with 2 gloo processes (1 thread each) on the same global batch (CPU)")
     args = parser.parse_args(argv)
@@ -382,15 +401,18 @@ def main(argv=None) -> dict:
           flush=True)
     probe = MatmulPeak(device)
     probe.probe(5)
-    results, flops = run_benchmark(preset, batch_size, device, steps, warmup, probe, compile=args.compile)
+    results, flops = run_benchmark(preset, batch_size, device, steps, warmup, probe, compile=args.compile,
+                                   attention_terms=args.attention_terms)
     probe.probe(5)
     peak = probe.flops
     print(f"dense matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'}, best square matmul probed before, "
           f"between and after the steps): {peak / 1e12:.3f} TFLOP/s", flush=True)
     for name, r in results.items():
         r["mfu"] = flops / (r["step_ms"] / 1000) / peak
+        cost = (f" | {r['step_ms'] / results['ours']['step_ms']:.2f}x the default step" if name.startswith("ours+")
+                else "")
         print(f"{name:5s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
-              f"{r['step_ms_all']}) | peak mem {r['peak_mem_mb']:8.0f} MB | MFU {100 * r['mfu']:.1f}%")
+              f"{r['step_ms_all']}) | peak mem {r['peak_mem_mb']:8.0f} MB | MFU {100 * r['mfu']:.1f}%{cost}")
     mem_kind = ("max_memory_allocated during a step above the allocation before it" if device.type == "cuda" else
                 "peak RSS during a step (sampled every 2 ms) above the RSS before it, after malloc_trim")
     print(f"peak mem = weights of its teacher + student + AdamW state + the largest transient ({mem_kind})")

@@ -72,3 +72,15 @@ def test_amp_on_cpu_says_once_that_it_runs_fp32(caplog, monkeypatch):
     said = [r.getMessage() for r in caplog.records if "applies on CUDA only" in r.getMessage()]
     assert said == ["train.amp=bf16 applies on CUDA only: this cpu run computes in fp32 (faster on CPU); "
                     "set train.amp=none to silence this"]
+
+
+def test_the_mission_preset_is_one_override_away_from_a_pruned_6x768_student():
+    from transformers import BertConfig
+
+    from kd.prune import check_pruned_shape
+    cfg = parse_cli(PretrainConfig, ["--config", "configs/bert_large_to_6l.yaml", "student.init=pruned",
+                                     "student.hidden_size=768"])
+    validate_pretrain(cfg)
+    bert_large = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    assert check_pruned_shape(cfg.student, bert_large) == {"num_layers": 6, "hidden_size": 768, "num_heads": 12,
+                                                           "intermediate_size": 3072, "head_dim": 64}

@@ -112,6 +112,9 @@ def test_benchmark_tiny_preset_writes_its_report(tmp_path):
     ratio = report["variants"]["ours"]["tokens_per_s"] / report["variants"]["naive"]["tokens_per_s"]
     assert report["ratio"] == pytest.approx(ratio)
     assert last.endswith(f"{report['ratio']:.2f}")
+    equal = report["variants"]["ours-allpos"]["tokens_per_s"] / report["variants"]["naive"]["tokens_per_s"]
+    assert report["equal_math_ratio"] == pytest.approx(equal)
+    assert result.stdout.strip().splitlines()[-2] == f"equal-math ours/naive tokens/s ratio: {equal:.2f}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

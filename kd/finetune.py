@@ -72,6 +72,11 @@ class FinetuneConfig:
 def validate_finetune(cfg) -> None:
     validate_train(cfg.train)
     check_choice(cfg.data.on_bad_row, ["error", "skip"], "data.on_bad_row")
+    given = [k for k in ("train", "validation", "test") if getattr(cfg.data, k)]
+    if given and cfg.data.source != "files":
+        raise KDError(f"data.{given[0]}={getattr(cfg.data, given[0])} is set, but data.source={cfg.data.source} "
+                      f"does not read local files, so it would be ignored: add data.source=files to use your "
+                      f"files, or unset data.{given[0]}")
     if cfg.data.group_by_length and cfg.task == "squad":
         raise KDError("data.group_by_length applies to classification; SQuAD windows all have "
                       "data.max_length tokens. Unset it for task=squad.")
@@ -93,10 +98,11 @@ class ClassificationTask:
                                                seed=d.split_seed, on_bad_row=d.on_bad_row,
                                                text_columns=d.text_columns, label_column=d.label_column)
         self.data.require("train", "validation")
-        for note in self.data.notes:
-            log.warning("%s", note)
-        if self.data.total_skipped:
-            log.warning("skipped %d bad row(s): %s", self.data.total_skipped, self.data.skipped)
+        if info.is_main:  # every rank reads the same rows: say it once
+            for note in self.data.notes:
+                log.warning("%s", note)
+            if self.data.total_skipped:
+                log.warning("skipped %d bad row(s): %s", self.data.total_skipped, self.data.skipped)
         self.sets = {name: ClassificationDataset(rows, tokenizer, d.max_length)
                      for name, rows in self.data.splits.items() if rows}
         self.collate = PadCollate(tokenizer.pad_token_id)
@@ -170,7 +176,7 @@ class SquadTask:
         if self.data.splits.get("train") is None or self.data.splits.get("validation") is None:
             raise KDError("SQuAD fine-tuning needs a train and a validation split: data.train=PATH "
                           "data.validation=PATH (SQuAD v1.1 JSON)")
-        for note in self.data.notes:
+        for note in self.data.notes if info.is_main else []:  # every rank reads the same rows: say it once
             log.warning("%s", note)
         train = prepare_train_features(self.data.splits["train"], tokenizer, d.max_length, d.doc_stride)
         train.pop("example_index", None)

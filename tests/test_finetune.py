@@ -137,3 +137,15 @@ def test_length_sorted_eval_scores_the_same_examples_as_dataset_order(tiny_teach
         assert got["examples"] == want["examples"]
         assert got["accuracy"] == pytest.approx(want["accuracy"])
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_given_files_with_a_hub_source_are_refused_with_the_fix():
+    from kd.errors import KDError
+    from kd.finetune import validate_finetune
+    cfg = load_config(FinetuneConfig, "configs/finetune_squad.yaml",
+                      ["model=m", "data.train=my.json", "data.validation=my.json"])
+    with pytest.raises(KDError, match=r"data.train=my.json is set, but data.source=hub does not read local files, "
+                                      r"so it would be ignored: add data.source=files"):
+        validate_finetune(cfg)
+    validate_finetune(load_config(FinetuneConfig, "configs/finetune_squad.yaml",
+                                  ["model=m", "data.source=files", "data.train=my.json", "data.validation=my.json"]))

@@ -397,3 +397,22 @@ def test_cli_checkpoint_from_another_config(tmp_path, tiny_teacher_dir, corpus_f
     result = pretrain_cli(tmp_path, tiny_teacher_dir, corpus_file, shared_cache, run_name="cfgdiff",
                           **{"student.num_layers": 3})
     assert_clean_error(result, "comes from another config", "student.num_layers", "train.resume=none")
+
+
+def test_blocks_built_with_skip_are_not_reused_by_a_later_error_run(tmp_path, tiny_teacher_dir, corpus_file):
+    """data.on_bad_bytes is in the block cache key: a corpus cached with `skip` must still fail under `error`."""
+    from kd.config import PretrainConfig, load_config
+    from kd.data.blocks import load_blocks
+    from kd.errors import KDError
+    from kd.models import load_tokenizer
+    path = _corpus_with_bad_bytes(tmp_path, corpus_file)
+    tok = load_tokenizer(tiny_teacher_dir)
+
+    def cfg(mode):
+        return load_config(PretrainConfig, None, ["run_name=x", "data.source=text", f"data.train_files=[{path}]",
+                                                  "data.seq_len=64", "data.validation_fraction=0.2",
+                                                  f"data.cache_dir={tmp_path / 'cache'}", f"data.on_bad_bytes={mode}"])
+    train, _ = load_blocks(cfg("skip").data, tok, 0)
+    assert len(train) > 0
+    with pytest.raises(KDError, match="undecodable bytes"):
+        load_blocks(cfg("error").data, tok, 0)

@@ -52,7 +52,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(data_cfg, tokenizer, seed: int) -> str:
     desc = {"corpus": corpus_fingerprint(data_cfg), "tokenizer": tokenizer_fingerprint(tokenizer),
             "lowercase": tokenizer("A")["input_ids"], "seq_len": data_cfg.seq_len, "seed": seed,
-            "format": 1}
+            "on_bad_bytes": data_cfg.on_bad_bytes, "format": 1}  # skip and error can keep different text
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -20,21 +20,10 @@ from kd.models import (DistillationStudent, build_pruned_student, build_student,
                        default_hidden_map, load_mlm_model, load_teacher, load_tokenizer)
 from kd.objective import attention_terms_for, distill_loss, evaluate_mlm, make_plan
 from kd.prune import write_ranking
-from kd.teacher_cache import TOKENIZER_DIR, CachedTeacherCollate, open_for_training
+from kd.run_inputs import check_compatible, tokenizer_ref
+from kd.teacher_cache import CachedTeacherCollate, open_for_training
 
 log = logging.getLogger(__name__)
-
-
-def tokenizer_ref(cfg) -> str:
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    if cfg.teacher.name:
-        return cfg.teacher.name
-    if cfg.student.init.startswith("pretrained:"):
-        return cfg.student.init.split(":", 1)[1]
-    if cfg.teacher_cache.path:  # cache_teacher.py saves the teacher's tokenizer with the cache
-        return os.path.join(cfg.teacher_cache.path, TOKENIZER_DIR)
-    raise KDError("no tokenizer: set data.tokenizer (or teacher.name, or student.init=pretrained:<path>)")
 
 
 def hidden_pairs_for(cfg, num_teacher: Optional[int], num_student: int):
@@ -48,16 +37,6 @@ def hidden_pairs_for(cfg, num_teacher: Optional[int], num_student: int):
                               f"with hidden_states indices in [0, {num_student}] and [0, {num_teacher}]")
         return pairs
     return default_hidden_map(num_teacher, num_student, cfg.loss.hidden_include_embeddings)
-
-
-def check_compatible(cfg, tokenizer, teacher) -> None:
-    if teacher is not None:
-        if teacher.config.vocab_size != len(tokenizer):
-            raise KDError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
-                          f"tokenizer's ({len(tokenizer)}); use the teacher's own tokenizer (unset data.tokenizer)")
-        if cfg.data.seq_len > teacher.config.max_position_embeddings:
-            raise KDError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's max_position_embeddings "
-                          f"({teacher.config.max_position_embeddings}); lower data.seq_len")
 
 
 def calibration_batches(cfg, train_blocks):

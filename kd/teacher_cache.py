@@ -72,12 +72,13 @@ from kd.data.corpus import corpus_fingerprint
 from kd.data.masking import MaskingSpec, mask_batch, masking_spec_for, num_predictions
 from kd.errors import KDError
 from kd.models import gather_positions
+from kd.run_inputs import TOKENIZER_DIR, check_compatible, tokenizer_ref
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 SPLITS = ("train", "validation")
-MANIFEST, STAMP, SHARDS, TOKENIZER_DIR = "manifest.json", "verified.json", "shards", "tokenizer"
+MANIFEST, STAMP, SHARDS = "manifest.json", "verified.json", "shards"
 # manifest keys that describe the generation itself rather than what the rows mean
 _RUN_ONLY_KEYS = ("complete", "shards", "generation", "created")
 
@@ -579,7 +580,6 @@ def _generate(cfg, info: dist.DistInfo, on_shard_written) -> dict:
     from kd.data.blocks import load_blocks
     from kd.logger import setup_console_logging
     from kd.models import load_teacher, load_tokenizer
-    from kd.pretrain import check_compatible, tokenizer_ref  # late: kd.pretrain imports this module
     setup_console_logging()
     tokenizer = load_tokenizer(tokenizer_ref(cfg))
     teacher = load_teacher(cfg.teacher, info.device)

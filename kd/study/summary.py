@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -130,7 +131,7 @@ def finetune_groups(logs: Path, stages: List[Stage]) -> tuple:
         entry["validation"][seed] = res["validation"]["accuracy"]
         entry["curves"][seed] = _validation_curve(run)
         entry["examples"].add(res["test"]["examples"])
-        entry["model"] = Path(res.get("model", "")).parent.name
+        entry["model"] = re.sub(r"-s\d+$", "", Path(res.get("model", "")).parent.name)  # the group, not one seed
         entry["task_teacher"] = Path(res["task_teacher"]).parent.name if res.get("task_teacher") else None
         entry["num_parameters"] = res.get("num_parameters")
         majority = res.get("majority_class_pct") or majority

@@ -1,5 +1,6 @@
 """The offline study: its plan, resume and change detection, the noise rule, and a tiny real study."""
 import json
+import time
 import statistics
 from pathlib import Path
 
@@ -246,3 +247,25 @@ def test_readme_results_match_the_committed_summary():
     summary = json.loads((Path(ROOT) / "docs" / "experiment" / "summary.json").read_text())
     readme = (Path(ROOT) / "README.md").read_text()
     assert render_markdown(summary) in readme
+
+
+def test_an_interrupted_stage_keeps_its_minutes_and_is_not_marked_done(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(Path(ROOT) / "configs")
+    cfg = load_experiment(str(small_study(tmp_path)), [])
+    calls = []
+    inner = fake_runner(calls)
+
+    def stopped_at_kd(stage, out_path):
+        if stage.run == "kd-s0":
+            time.sleep(0.4)  # minutes are kept to 0.01
+            raise SystemExit(143)  # what run_subprocess raises when SIGTERM is forwarded
+        return inner(stage, out_path)
+    with pytest.raises(SystemExit):
+        runner.run_stages(cfg, study_plan.plan(cfg), runner=stopped_at_kd, say=lambda *_: None)
+    record = json.loads((tmp_path / "logs/experiment/stages.json").read_text())
+    assert record["kd-s0"]["minutes"] > 0 and "argv" not in record["kd-s0"]
+    before = record["kd-s0"]["minutes"]
+    runner.run_stages(cfg, study_plan.plan(cfg), runner=fake_runner(calls), say=lambda *_: None)
+    record = json.loads((tmp_path / "logs/experiment/stages.json").read_text())
+    assert record["kd-s0"]["minutes"] >= before and "argv" in record["kd-s0"]  # the resumed run adds to it

@@ -125,7 +125,11 @@ def run_stages(cfg: ExperimentConfig, stages: List[Stage],
         out_path = out_dir / f"{stage.run}.out"
         say(f"{prefix}: running, output in {out_path}")
         started = time.time()
-        code = runner(stage, out_path)
+        try:
+            code = runner(stage, out_path)
+        except BaseException:  # stopped (SIGTERM/SIGINT): the minutes spent still count when it resumes
+            record.add_minutes(stage, (time.time() - started) / 60, finished=False)
+            raise
         minutes = (time.time() - started) / 60
         finished = code == 0 and stage.done()
         if finished and stage.kind == "cache":  # cache_teacher.py keeps no config.yaml of its own

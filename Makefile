@@ -34,7 +34,7 @@ demo-report: install
 	OMP_NUM_THREADS=$$(nproc --all) $(PY) compare_benchmarks.py --runs demo-teacher demo demo-nokd demo-teacher-tweets demo-tweets demo-nokd-tweets \
 	  --models checkpoints/demo-teacher/final checkpoints/demo/final checkpoints/demo-nokd/final
 
-# The offline study (README "Results"): about an hour on 2 cores; rerun to resume.
+# The offline study (README "Results"): about 85 minutes on 2 cores; rerun to resume.
 experiment: install
 	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC)
 

@@ -1,6 +1,6 @@
 """The offline study: where does distillation help, beyond noise? (configs/experiment.yaml; README "Results")
 
-    make experiment                                   # the headline arms, about 2 hours on 2 CPU cores
+    make experiment                                   # the headline arms, about 85 minutes on 2 CPU cores
     nohup make experiment > logs/experiment.out 2>&1 &   # detached; rerun the same command to resume
     make experiment-levers                            # the study plus the lever arms (run_levers=true)
     python experiment.py [--config PATH] [--no-latency] [--no-timing] [key=value ...]

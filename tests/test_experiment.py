@@ -48,8 +48,13 @@ def test_levers_run_only_when_asked_and_name_exports_at_steps():
     cache = next(s for s in stages if s.run == "teacher-cache")
     assert cache.kind == "cache" and cache.output == Path("checkpoints/experiment/teacher-cache/manifest.json")
     assert "teacher_cache.path=checkpoints/experiment/teacher-cache" in argv_of(stages, "kd-cache-s0")
+    assert "student.init_layers_from=checkpoints/experiment/teacher/final" in weak  # same init as kd
+    # a lever fine-tune can add seeds to a headline group
+    stages = study_plan.plan(load(["run_levers=true",
+                                   "levers.finetune={more: {model: teacher, seeds: [1, 2], group: teacher}}"]))
     more = [s for s in stages if s.group == "teacher" and s.kind == "finetune"]
     assert [s.run for s in more] == ["teacher-tweets-s0", "teacher-tweets-s1", "teacher-tweets-s2"]
+    assert [s.lever for s in more] == [False, True, True]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -259,8 +259,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     copies_teacher = (init == "teacher_layers" and not cfg.student.init_layers_from) or init == "pruned"
     if cfg.student.init_layers_from and init != "teacher_layers":
         raise KDError(f"student.init_layers_from is for student.init=teacher_layers, not {init!r}; unset one")
-    teacher_terms = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or any(
-        getattr(cfg.loss, k) > 0 for k in ATTENTION_ALPHAS)
+    teacher_terms = cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or bool(attention_alphas_on(cfg.loss))
     needs_teacher = (not cached and teacher_terms) or copies_teacher
     if cached and copies_teacher and not cfg.teacher.name:
         raise KDError("student.init=teacher_layers copies the teacher's weights, so it needs teacher.name even "
@@ -283,6 +282,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 ATTENTION_ALPHAS = ("alpha_attn_kl", "alpha_relation_kl", "alpha_attn_mse")
 
 
+def attention_alphas_on(loss_cfg) -> List[str]:
+    """The attention-term weights that are switched on (> 0), by key."""
+    return [k for k in ATTENTION_ALPHAS if getattr(loss_cfg, k) > 0]
+
+
 def validate_teacher_cache_use(cfg: PretrainConfig) -> bool:
     """Training from a teacher cache: what a cache cannot give is refused here. True if one is used."""
     check_choice(cfg.loss.topk_mode, ["renormalize", "lse_tail"], "loss.topk_mode")
@@ -293,7 +297,7 @@ def validate_teacher_cache_use(cfg: PretrainConfig) -> bool:
         raise KDError(f"loss.alpha_hidden={cfg.loss.alpha_hidden} but teacher_cache.path is set: hidden-state "
                       f"losses need the teacher's hidden states, and a teacher cache holds only its top-k "
                       f"logits. Set loss.alpha_hidden=0, or unset teacher_cache.path to run the teacher online.")
-    attention = [k for k in ATTENTION_ALPHAS if getattr(cfg.loss, k) > 0]
+    attention = attention_alphas_on(cfg.loss)
     if attention:
         raise KDError(f"loss.{attention[0]}={getattr(cfg.loss, attention[0])} but teacher_cache.path is set: attention "
                       f"terms need the teacher's queries and keys, and a teacher cache holds only its top-k logits. "

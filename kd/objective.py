@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kd import dist
-from kd.config import ATTENTION_ALPHAS
+from kd.config import attention_alphas_on
 from kd.errors import KDError
 from kd.losses import (HIDDEN_LOSSES, attention_kl, attention_score_mse, combine_terms, kl_div_logits,
                        mlm_cross_entropy, relation_kl, topk_kl)
@@ -36,7 +36,7 @@ def _layer(value: Optional[int], depth: int, key: str) -> int:
 def attention_terms_for(loss_cfg, teacher_config, student_config) -> List[AttentionTerm]:
     """The attention terms the config asks for, checked against both models' shapes."""
     terms: List[AttentionTerm] = []
-    if not any(getattr(loss_cfg, k) > 0 for k in ATTENTION_ALPHAS):
+    if not attention_alphas_on(loss_cfg):
         return terms
     if teacher_config is None:
         raise KDError("attention terms (loss.alpha_attn_kl / alpha_relation_kl / alpha_attn_mse) need a live "

@@ -9,7 +9,7 @@ import torch
 
 from kd import dist
 from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
-from kd.config import ATTENTION_ALPHAS, to_dict, to_yaml, validate_pretrain
+from kd.config import attention_alphas_on, to_dict, to_yaml, validate_pretrain
 from kd.data.blocks import load_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.masking import masking_spec_for, rare_token_weights
@@ -70,8 +70,8 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         cache = open_for_training(cfg, tokenizer, cfg.teacher.name)
     elif cfg.teacher_cache.path:
         log.info("loss.alpha_kd=0: teacher_cache.path is not used")
-    plan_needs_teacher = cache is None and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0 or any(
-        getattr(cfg.loss, key) > 0 for key in ATTENTION_ALPHAS))
+    plan_needs_teacher = cache is None and (cfg.loss.alpha_kd > 0 or cfg.loss.alpha_hidden > 0
+                                            or bool(attention_alphas_on(cfg.loss)))
     copies_layers = cfg.student.init == "teacher_layers"
     teacher = None
     if plan_needs_teacher or cfg.student.init == "pruned" or (copies_layers and not cfg.student.init_layers_from):

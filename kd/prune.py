@@ -89,16 +89,15 @@ def activation_importance(teacher: BertForMaskedLM, batches: Iterable[torch.Tens
         def ffn_hook(_m, _inputs, output, i=i):
             sums["ffn"][i] += per_token_mean(output.abs())
 
-        def block_hook(_m, inputs, output, i=i):
-            x_in = inputs[0] if inputs else None
+        def block_hook(_m, args, kwargs, output, i=i):  # hidden_states may come by position or by name
+            x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output
-            if x_in is not None:
-                cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-                sums["layers"][i] += (1.0 - cos).sum().cpu()
+            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+            sums["layers"][i] += (1.0 - cos).sum().cpu()
 
         handles += [layer.attention.output.dense.register_forward_pre_hook(context_hook),
                     layer.intermediate.register_forward_hook(ffn_hook),
-                    layer.register_forward_hook(block_hook)]
+                    layer.register_forward_hook(block_hook, with_kwargs=True)]
     def norm_hook(_m, _inputs, output):  # returns None: a hook's return value would replace the output
         sums["hidden"].add_(per_token_mean(output.abs()))
 

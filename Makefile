@@ -6,7 +6,7 @@ TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers gpu-check clean
+.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers experiment-narrow gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,15 @@ demo-report: install
 experiment: install
 	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC)
 
-# The same study plus the lever runs listed under `levers:` in configs/experiment.yaml.
+# The same study plus the lever runs listed under `levers:` in configs/experiment.yaml, then the
+# narrow-student arms (configs/experiment_narrow.yaml: pruned vs random init, KD, MiniLM relations).
 experiment-levers: install
 	$(PY) experiment.py --config configs/experiment.yaml nproc=$(NPROC) run_levers=true
+	$(PY) experiment.py --config configs/experiment_narrow.yaml nproc=$(NPROC)
+
+# The narrow-student arms alone: about 100 minutes on 2 cores; rerun to resume.
+experiment-narrow: install
+	$(PY) experiment.py --config configs/experiment_narrow.yaml nproc=$(NPROC)
 
 # On a CUDA machine: the bert-large bench (compile off/on, MFU), SDPA kernels, a 1-GPU torchrun
 # kill-and-resume; logs/gpu-check/gpu_check.json. Without CUDA it prints its plan and exits 0.

@@ -44,7 +44,8 @@ def main(argv=None) -> None:
             stages = plan(cfg)
             minutes = recorded_minutes(cfg) if args.report_only else run_stages(cfg, stages)
             from kd.study.publish import write_all  # matplotlib and pandas only once the runs are done
-            written = write_all(cfg, stages, minutes, latency=not args.no_latency, timing=not args.no_timing)
+            written = write_all(cfg, stages, minutes, latency=not args.no_latency, timing=not args.no_timing,
+                                config_path=args.config)
         print("files written:")
         for path in written:
             print(f"  {path}")

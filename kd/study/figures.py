@@ -37,6 +37,9 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
     ax_mlm.legend(frameon=False)
     cells = summary.get("two_by_two") or {}
     shown = [(key, label) for key, label in CELLS if key in cells]
+    if not cells:  # no 2x2 in this study: one bar per fine-tune group
+        cells = {g["group"]: g["test_accuracy_pct"] for g in summary.get("finetune_groups") or []}
+        shown = [(name, name) for name in cells]
     for i, (key, label) in enumerate(shown):
         c = cells[key]
         color = "grey" if key == "teacher" else ("tab:green" if key == "both" else "tab:blue")
@@ -52,7 +55,8 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
     ax_acc.set_xticks(range(len(shown)), [label for _, label in shown])
     if values:
         ax_acc.set_ylim(max(0.0, min(values) - 2), min(100.0, max(values) + 1.5))
-    _style(ax_acc, "tweet sentiment, test accuracy (bar: mean ± std; dots: seeds)", "accuracy %", "KD stages")
+    _style(ax_acc, "tweet sentiment, test accuracy (bar: mean ± std; dots: seeds)", "accuracy %",
+           "KD stages" if summary.get("two_by_two") else "fine-tune group")
     return _save(fig, out_dir / "study.png")
 
 

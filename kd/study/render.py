@@ -30,7 +30,20 @@ def loss_recipe(r: dict) -> str:
         terms.append(f"{r['alpha_kd']:g}·KL(T={r['temperature']:g}{where}{source})")
     if r["alpha_hidden"]:
         terms.append(f"{r['alpha_hidden']:g}·{r['hidden_loss']}")
+    if r.get("alpha_attn_kl"):
+        terms.append(f"{r['alpha_attn_kl']:g}·attention KL")
+    if r.get("alpha_relation_kl"):
+        terms.append(f"{r['alpha_relation_kl']:g}·Q/K/V relation KL ({r['relation_heads']} heads)")
+    if r.get("alpha_attn_mse"):
+        terms.append(f"{r['alpha_attn_mse']:g}·attention MSE")
     return " + ".join(terms)
+
+
+def shape_name(r: dict) -> str:
+    """Layers, and the width when the student's differs from its teacher's (a pruned or random student)."""
+    if not r["num_layers"]:
+        return "—"
+    return f"{r['num_layers']} × {r['hidden_size']}" if r.get("hidden_size") else str(r["num_layers"])
 
 
 def init_name(r: dict) -> str:
@@ -38,6 +51,8 @@ def init_name(r: dict) -> str:
         layers = f"layers {r['init_layers']}" if r.get("init_layers") else "layers"
         source = teacher_name({"teacher": r["init_layers_from"]}) if r.get("init_layers_from") else "teacher"
         return f"{source} {layers}"
+    if r["init"] == "pruned":
+        return "teacher pruned (activation importance)"
     if r["init"].startswith("pretrained:"):
         ref = Path(r["init"].split(":", 1)[1])
         if str(ref) == "packaged-minilm":
@@ -58,7 +73,7 @@ def teacher_name(r: dict) -> str:
 
 def pretraining_table(groups: List[dict], rows: List[dict], with_speed: bool) -> List[str]:
     latency = {r["run"]: r.get("cpu_latency_ms_b1") for r in rows}
-    head = "| run | layers | init | teacher | loss | held-out MLM loss (mean ± std) | per seed | masked acc % | agrees with teacher % | params (M) |"
+    head = "| run | layers (× width) | init | teacher | loss | held-out MLM loss (mean ± std) | per seed | masked acc % | agrees with teacher % | params (M) |"
     rule = "|:---|---:|:---|:---|:---|---:|:---|---:|---:|---:|"
     if with_speed:
         head += " CPU latency b1 (ms) |"
@@ -67,7 +82,7 @@ def pretraining_table(groups: List[dict], rows: List[dict], with_speed: bool) ->
     for g in groups:
         r = g["recipe"]
         agree = _f(g["teacher_agreement_pct"]["mean"]) if g.get("teacher_agreement_pct") else "—"
-        line = (f"| {g['group']} | {r['num_layers'] if r['num_layers'] else '—'} | {init_name(r)} | {teacher_name(r)} "
+        line = (f"| {g['group']} | {shape_name(r)} | {init_name(r)} | {teacher_name(r)} "
                 f"| {loss_recipe(r)} | {_mean_std(g['heldout_mlm_loss'], 3)} | {_seeds(g['heldout_mlm_loss'], 3)} "
                 f"| {_f((g['masked_accuracy_pct'] or {}).get('mean'))} | {agree} "
                 f"| {_f(g['num_parameters'] / 1e6 if g.get('num_parameters') else None)} |")

@@ -62,14 +62,17 @@ def recipe(config_yaml: Path) -> dict:
     """What distinguishes a pretraining run: init, teacher, loss (from the config it ran with)."""
     cfg = load_config(PretrainConfig, str(config_yaml), [])
     loss = cfg.loss
-    uses_teacher = loss.alpha_kd or loss.alpha_hidden or cfg.student.init == "teacher_layers"
+    uses_teacher = loss.alpha_kd or loss.alpha_hidden or cfg.student.init in ("teacher_layers", "pruned")
     return {"init": cfg.student.init, "init_layers": _init_layers(cfg),
             "init_layers_from": cfg.student.init_layers_from if cfg.student.init == "teacher_layers" else None,
             "teacher": cfg.teacher.name if uses_teacher else None,
             "teacher_cache": cfg.teacher_cache.path, "num_layers": cfg.student.num_layers,
-            "hidden_size": cfg.student.hidden_size, "alpha_mlm": loss.alpha_mlm, "alpha_kd": loss.alpha_kd,
+            "hidden_size": cfg.student.hidden_size, "num_heads": cfg.student.num_heads,
+            "intermediate_size": cfg.student.intermediate_size, "alpha_mlm": loss.alpha_mlm, "alpha_kd": loss.alpha_kd,
             "alpha_hidden": loss.alpha_hidden, "temperature": loss.temperature, "hidden_loss": loss.hidden_loss,
-            "kd_positions": loss.kd_positions, "max_steps": cfg.train.max_steps, "seq_len": cfg.data.seq_len,
+            "kd_positions": loss.kd_positions, "alpha_attn_kl": loss.alpha_attn_kl,
+            "alpha_relation_kl": loss.alpha_relation_kl, "relation_heads": loss.relation_heads,
+            "alpha_attn_mse": loss.alpha_attn_mse, "max_steps": cfg.train.max_steps, "seq_len": cfg.data.seq_len,
             "train_seed": cfg.train.seed}
 
 
@@ -96,9 +99,11 @@ def pretraining_groups(rows: List[dict]) -> List[dict]:
         entry = {"group": group, "lever": members[0]["lever"], "runs": [m["run"] for m in members],
                  "recipe": {k: members[0][k] for k in ("init", "init_layers", "init_layers_from", "teacher",
                                                        "teacher_cache",
-                                                       "num_layers", "hidden_size", "alpha_mlm", "alpha_kd",
+                                                       "num_layers", "hidden_size", "num_heads",
+                                                       "intermediate_size", "alpha_mlm", "alpha_kd",
                                                        "alpha_hidden", "temperature", "hidden_loss",
-                                                       "kd_positions")},
+                                                       "kd_positions", "alpha_attn_kl", "alpha_relation_kl",
+                                                       "relation_heads", "alpha_attn_mse")},
                  "num_parameters": members[0].get("num_parameters")}
         for key in ("heldout_mlm_loss", "masked_accuracy_pct", "teacher_agreement_pct"):
             values = {str(m["seed"]): m[key] for m in members if is_number(m.get(key))}
@@ -210,7 +215,7 @@ def speed_rows(bench_csv: Path, models: List[str]) -> dict:
 
 
 def build_summary(cfg: ExperimentConfig, stages: List[Stage], minutes: dict, logs: Path, plots: Path,
-                  equal_compute: Optional[dict] = None) -> dict:
+                  equal_compute: Optional[dict] = None, config_path: str = "configs/experiment.yaml") -> dict:
     rows = pretraining_rows(logs, stages)
     speeds = speed_rows(plots / "benchmarks.csv", [r["run"] for r in rows])
     for row in rows:
@@ -220,7 +225,7 @@ def build_summary(cfg: ExperimentConfig, stages: List[Stage], minutes: dict, log
     headline = {s.run for s in stages if not s.lever}
     levers = {s.run for s in stages if s.lever}
     return {
-        "config": "configs/experiment.yaml", "name": cfg.name, "nproc": cfg.nproc,
+        "config": config_path, "name": cfg.name, "nproc": cfg.nproc,
         "finetune_nproc": cfg.finetune_nproc,
         "noise_rule": {"std_multiple": cfg.noise_rule.std_multiple, "paired_alpha": cfg.noise_rule.paired_alpha},
         "finetune_overrides": list(cfg.finetune.overrides),

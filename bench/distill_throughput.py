@@ -283,7 +283,7 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
     teacher, module, naive_teacher, naive_student, pairs = build_models(preset, device)
     batch = to_device(make_batch(batch_size, preset.seq_len), device)
     variants = {
-        "ours": OursStep(module, teacher, pairs, device, compile=compile),
+        "ours": OursStep(module, teacher, pairs, device),
         "naive": NaiveDistiller(naive_student, naive_teacher, NaiveWeights.from_loss_config(LossConfig()), device,
                                 lr=TrainConfig().lr, weight_decay=TrainConfig().weight_decay,
                                 clip=TrainConfig().clip_grad_norm),
@@ -292,18 +292,28 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
     # equal math: ours with KL and the MLM head at every position, as the naive step computes them
     # (same losses to 1e-6, tests/test_fast_path.py); a copy of the module, so the optimizers do not interfere
     equal = copy.deepcopy(module)
-    variants["ours-allpos"] = OursStep(equal, teacher, pairs, device, compile=compile,
-                                       loss_cfg=LossConfig(kd_positions="all"))
+    variants["ours-allpos"] = OursStep(equal, teacher, pairs, device, loss_cfg=LossConfig(kd_positions="all"))
     models["ours-allpos"] = (teacher, equal)
+    if compile:  # the default step with train.compile=true, timed beside the eager one
+        compiled = copy.deepcopy(module)
+        variants["ours-compiled"] = OursStep(compiled, teacher, pairs, device, compile=True)
+        models["ours-compiled"] = (teacher, compiled)
     if attention_terms:  # same weights (a copy of the module each, so the optimizers do not interfere)
         for name, alphas in ATTENTION_VARIANTS.items():
             copy_module = copy.deepcopy(module)
-            variants[name] = OursStep(copy_module, teacher, pairs, device, compile=compile,
-                                      loss_cfg=LossConfig(**alphas))
+            variants[name] = OursStep(copy_module, teacher, pairs, device, loss_cfg=LossConfig(**alphas))
             models[name] = (teacher, copy_module)
-    for name, variant in variants.items():
-        for _ in range(warmup):
-            variant.step(batch)
+    failed = {}
+    for name, variant in list(variants.items()):
+        try:
+            for _ in range(max(warmup, 2 if name == "ours-compiled" else 0)):  # compiling happens here
+                variant.step(batch)
+        except Exception as err:  # a compiler that breaks is a result to report, not a crash of the bench
+            if name != "ours-compiled":
+                raise
+            failed[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            del variants[name], models[name]
+            print(f"{name}: torch.compile failed, so it is not timed: {failed[name]}", flush=True)
         sync(device)
     times = {name: [] for name in variants}
     transient = {name: 0 for name in variants}
@@ -323,6 +333,7 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
         results[name] = {"tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
                          "peak_mem_mb": (resident + transient[name]) / 2 ** 20, "mfu": None,
                          "step_ms_all": [round(1000 * t, 1) for t in times[name]]}
+    results.update({name: {"error": error} for name, error in failed.items()})
     return results, flops
 
 
@@ -383,7 +394,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--out", default=os.path.join("logs", "bench"), help="folder for <preset>-<device>.json")
-    parser.add_argument("--compile", action="store_true", help="ours under torch.compile (train.compile=true)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours under torch.compile (train.compile=true), interleaved with eager")
     parser.add_argument("--attention-terms", action="store_true",
                         help="also time ours + each attention term (MiniLM v1/v2, TinyBERT), interleaved")
     parser.add_argument("--ddp-compare", action="store_true",
@@ -404,7 +416,7 @@ def main(argv=None) -> dict:
     print(f"preset {args.preset}: teacher {preset.layers}x{preset.hidden} ({preset.heads} heads, FFN {preset.ffn}), "
           f"student {preset.student_layers}x{preset.hidden}, vocab {VOCAB}, seq {preset.seq_len}, batch {batch_size}, "
           f"device {device} ({torch.get_num_threads()} threads), {warmup} warm-up + {steps} timed steps per variant"
-          f"{', ours under torch.compile' if args.compile else ''}",
+          f"{', and ours under torch.compile' if args.compile else ''}",
           flush=True)
     probe = MatmulPeak(device)
     probe.probe(5)
@@ -415,10 +427,12 @@ def main(argv=None) -> dict:
     print(f"dense matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'}, best square matmul probed before, "
           f"between and after the steps): {peak / 1e12:.3f} TFLOP/s", flush=True)
     for name, r in results.items():
+        if "error" in r:
+            continue
         r["mfu"] = flops / (r["step_ms"] / 1000) / peak
         cost = (f" | {r['step_ms'] / results['ours']['step_ms']:.2f}x the default step" if name.startswith("ours+")
                 else "")
-        print(f"{name:5s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
+        print(f"{name:13s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
               f"{r['step_ms_all']}) | peak mem {r['peak_mem_mb']:8.0f} MB | MFU {100 * r['mfu']:.1f}%{cost}")
     mem_kind = ("max_memory_allocated during a step above the allocation before it" if device.type == "cuda" else
                 "peak RSS during a step (sampled every 2 ms) above the RSS before it, after malloc_trim")
@@ -431,6 +445,8 @@ def main(argv=None) -> dict:
               "equal_math_ratio": results["ours-allpos"]["tokens_per_s"] / results["naive"]["tokens_per_s"],
               "matmul_peak_tflops": peak / 1e12, "useful_gflop_per_step": flops / 1e9, "compile": args.compile,
               "peak_mem_method": mem_kind, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads()}
+    if "tokens_per_s" in results.get("ours-compiled", {}):
+        report["compile_ratio"] = results["ours-compiled"]["tokens_per_s"] / results["ours"]["tokens_per_s"]
 
     if args.ddp_compare:
         if device.type != "cpu":
@@ -459,7 +475,12 @@ def main(argv=None) -> dict:
         json.dump(report, fh, indent=2)
     print(f"wrote {path}")
     print("ours: our default (KL and MLM head at the masked positions); ours-allpos: the same math as naive "
-          "(KL and head at every position); naive: the DistilBERT-style step")
+          "(KL and head at every position); naive: the DistilBERT-style step"
+          + ("; ours-compiled: ours with torch.compile on the student (train.compile=true)" if args.compile else ""))
+    if "compile_ratio" in report:
+        print(f"compiled/eager ours tokens/s ratio: {report['compile_ratio']:.2f}")
+    elif args.compile:
+        print(f"compiled/eager ours tokens/s ratio: not measured ({results['ours-compiled']['error']})")
     print(f"equal-math ours/naive tokens/s ratio: {report['equal_math_ratio']:.2f}")
     print(f"ours/naive tokens/s ratio: {report['ratio']:.2f}")
     return report

@@ -3,7 +3,7 @@ import contextlib
 import copy
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -174,13 +174,26 @@ def gather_positions(sequence: torch.Tensor, positions: Optional[torch.Tensor]) 
     return sequence.gather(1, index)
 
 
+class DecoderInput(NamedTuple):
+    """What the MLM head's vocabulary projection would take: logits = hidden @ weight.T + bias.
+    kd.fused_head computes the losses from it without materialising the logits."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
 def mlm_forward(model: BertForMaskedLM, input_ids: torch.Tensor, positions: Optional[torch.Tensor],
-                attention_mask: Optional[torch.Tensor] = None, output_hidden_states: bool = False):
+                attention_mask: Optional[torch.Tensor] = None, output_hidden_states: bool = False,
+                decoder_input: bool = False):
     """Encoder, then the MLM head only at `positions`: the vocab projection costs as much as a
-    third of a small student's forward when computed everywhere (DESIGN §4)."""
+    third of a small student's forward when computed everywhere (DESIGN §4). With decoder_input,
+    the head stops before the vocabulary projection and returns a DecoderInput instead of logits."""
     out = model.bert(input_ids=input_ids, attention_mask=attention_mask,
                      output_hidden_states=output_hidden_states)
-    logits = model.cls(gather_positions(out.last_hidden_state, positions))
+    head = model.cls.predictions
+    at_positions = gather_positions(out.last_hidden_state, positions)
+    logits = (DecoderInput(head.transform(at_positions), head.decoder.weight, head.decoder.bias) if decoder_input
+              else model.cls(at_positions))
     return logits, (out.hidden_states if output_hidden_states else None)
 
 
@@ -222,11 +235,12 @@ class DistillationStudent(nn.Module):
         self.projections = nn.ModuleList(
             [nn.Linear(width, teacher_width) for _ in self.hidden_pairs] if needs_projection else [])
 
-    def forward(self, input_ids, positions=None, attention_mask=None):
-        """(logits, hidden states of the pairs mapped to the teacher's width, {layer: (q, k, v)})."""
+    def forward(self, input_ids, positions=None, attention_mask=None, decoder_input: bool = False):
+        """(logits, or a DecoderInput with decoder_input; hidden states of the pairs mapped to the
+        teacher's width; {layer: (q, k, v)})."""
         with capture_qkv(self.student, self.attention_layers) as qkv:
             logits, hidden = mlm_forward(self.student, input_ids, positions, attention_mask,
-                                         output_hidden_states=bool(self.hidden_pairs))
+                                         output_hidden_states=bool(self.hidden_pairs), decoder_input=decoder_input)
         mapped = []
         for i, (s_idx, _t_idx) in enumerate(self.hidden_pairs):
             h = hidden[s_idx]

@@ -10,7 +10,8 @@ from kd.config import attention_alphas_on
 from kd.errors import KDError
 from kd.losses import (HIDDEN_LOSSES, attention_kl, attention_score_mse, combine_terms, kl_div_logits,
                        mlm_cross_entropy, relation_kl, topk_kl)
-from kd.models import capture_qkv, default_hidden_map, mlm_forward
+from kd.fused_head import decoder_ce_kl
+from kd.models import DecoderInput, capture_qkv, default_hidden_map, mlm_forward
 
 
 @dataclass(frozen=True)
@@ -139,38 +140,60 @@ def _masked_subset(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
 
 
-def distill_terms(model: nn.Module, teacher: Optional[nn.Module], batch: dict, plan: DistillPlan):
+def _fused_logit_terms(s_out: DecoderInput, t_out: Optional[DecoderInput], positions: Optional[torch.Tensor],
+                       labels: torch.Tensor, plan: DistillPlan) -> Dict[str, torch.Tensor]:
+    """mlm_ce (and kd_kl with a teacher) from the decoder inputs, chunked (kd.fused_head)."""
+    teacher = (t_out.hidden, t_out.weight, t_out.bias) if t_out is not None else (None,) * 3
+    ce, kl = decoder_ce_kl(s_out.hidden, s_out.weight, s_out.bias, positions, labels, *teacher,
+                           temperature=plan.temperature, direction=plan.kd_direction)
+    return {"mlm_ce": ce, **({"kd_kl": kl} if kl is not None else {})}
+
+
+def distill_terms(model: nn.Module, teacher: Optional[nn.Module], batch: dict, plan: DistillPlan,
+                  need_logits: bool = True):
     """Unweighted loss terms for one batch (full blocks: no attention mask, no padding).
 
-    Returns (terms, student logits at the masked positions, teacher's there or None)."""
+    Returns (terms, student logits at the masked positions, teacher's there or None). Without
+    need_logits (training), MLM CE and logit KL come from kd.fused_head, which never materialises
+    the logits, and no logits are returned."""
     input_ids, positions, labels = batch["input_ids"], batch["masked_positions"], batch["mlm_labels"]
     # With kd_positions=all the heads run everywhere, and the MLM term takes the masked subset.
     head_positions = positions if plan.kd_positions == "masked" else None
-    s_logits, s_hidden, s_qkv = model(input_ids, head_positions)
-    s_masked = s_logits if head_positions is not None else _masked_subset(s_logits, positions)
-    terms = {"mlm_ce": mlm_cross_entropy(s_masked, labels)}
-    t_masked = None
+    fused = not need_logits and not plan.from_cache
+    s_out, s_hidden, s_qkv = model(input_ids, head_positions, decoder_input=fused)
+    t_out = None
     if plan.use_teacher and teacher is not None:
         # not inference_mode: the KL saves teacher tensors for backward
         with torch.no_grad(), capture_qkv(teacher, plan.teacher_attention_layers) as t_qkv:
-            t_logits, t_hidden = mlm_forward(teacher, input_ids, head_positions,
-                                             output_hidden_states=bool(plan.hidden_pairs))
-        if "kd_kl" in plan.weights:
-            terms["kd_kl"] = kl_div_logits(s_logits, t_logits, plan.temperature, plan.kd_direction)
+            t_out, t_hidden = mlm_forward(teacher, input_ids, head_positions,
+                                          output_hidden_states=bool(plan.hidden_pairs), decoder_input=fused)
+    live_kl = "kd_kl" in plan.weights and t_out is not None
+    s_masked = t_masked = None
+    if fused:
+        # with the head at the masked positions only, every decoder row is an MLM row
+        terms = _fused_logit_terms(s_out, t_out if live_kl else None,
+                                   None if head_positions is not None else positions, labels, plan)
+    else:
+        s_masked = s_out if head_positions is not None else _masked_subset(s_out, positions)
+        terms = {"mlm_ce": mlm_cross_entropy(s_masked, labels)}
+        if live_kl:
+            terms["kd_kl"] = kl_div_logits(s_out, t_out, plan.temperature, plan.kd_direction)
+        elif plan.from_cache and "kd_kl" in plan.weights:  # rows looked up by block index in the collate
+            terms["kd_kl"] = topk_kl(s_masked, batch["teacher_topk_ids"], batch["teacher_topk_logits"],
+                                     batch["teacher_lse"], plan.topk_mode, plan.temperature, plan.kd_direction)
+        if t_out is not None:
+            t_masked = t_out if head_positions is not None else _masked_subset(t_out, positions)
+    if t_out is not None:
         hidden_fn = HIDDEN_LOSSES[plan.hidden_loss]
         for (s_idx, t_idx), s_h in zip(plan.hidden_pairs, s_hidden):
             terms[plan.hidden_term(s_idx, t_idx)] = hidden_fn(s_h, t_hidden[t_idx])
         for term in plan.attention_terms:
             terms[term.name] = attention_term(term, s_qkv, t_qkv, plan)
-        t_masked = t_logits if head_positions is not None else _masked_subset(t_logits, positions)
-    elif plan.from_cache and "kd_kl" in plan.weights:  # rows looked up by block index in the collate
-        terms["kd_kl"] = topk_kl(s_masked, batch["teacher_topk_ids"], batch["teacher_topk_logits"],
-                                 batch["teacher_lse"], plan.topk_mode, plan.temperature, plan.kd_direction)
     return terms, s_masked, t_masked
 
 
 def distill_loss(model, teacher, batch, plan: DistillPlan):
-    terms, _, _ = distill_terms(model, teacher, batch, plan)
+    terms, _, _ = distill_terms(model, teacher, batch, plan, need_logits=False)
     return combine_terms(terms, plan.weights, plan.kd_loss_scale), terms
 
 

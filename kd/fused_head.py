@@ -42,7 +42,8 @@ def _kl_and_grad(s_soft: torch.Tensor, t_soft: torch.Tensor, temperature: float,
     logp_t = torch.log_softmax(t_soft, -1)
     if direction == "forward":  # KL(t || s); d/dz_s = p_s - p_t
         p_t = logp_t.exp()
-        per_row = _row_dot(p_t, logp_t) - _row_dot(p_t, logp_s)
+        # the difference first, then one dot: two separate dots (each about -log V) would cancel
+        per_row = _row_dot(p_t, logp_t.sub_(logp_s))
         grad = logp_s.exp_().sub_(p_t)
     elif direction == "reverse":  # KL(s || t); d/dz_s = p_s * (log p_s - log p_t - KL)
         p_s = logp_s.exp()

@@ -59,7 +59,7 @@ class TaskDistillConfig:
 class FinetuneConfig:
     run_name: str = MISSING
     model: str = MISSING                # hub name, local HF folder, or packaged-minilm
-    task: str = "sst2"                  # a preset of kd.data.classification.TASKS, or squad
+    task: str = "sst2"                  # a preset of kd.data.tasks.TASKS, or squad
     log_dir: str = "logs"
     checkpoint_dir: str = "checkpoints"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)

@@ -5,8 +5,9 @@ import torch
 
 from kd import assets
 from kd.data import classification as cls
-from kd.data.classification import (ClassificationDataset, Example, PadCollate, encode, get_task,
-                                    load_classification_splits, read_examples_file)
+from kd.data.classification import ClassificationDataset, PadCollate, encode, load_classification_splits
+from kd.data.example_files import read_examples_file
+from kd.data.tasks import Example, get_task
 from kd.errors import KDError
 from kd.hub import hub_reachable
 from kd.metrics import classification_metrics

@@ -11,6 +11,9 @@ import torch
 from kd import report
 from kd.errors import KDError
 from kd.latency import measure_latency
+from kd.plots.convergence import plot_convergence, step_to_tokens
+from kd.report.benchmarks import benchmark_table
+from kd.report.runs import Run, find_runs, load_results, read_metrics
 
 TOKENS_PER_STEP = 4096
 
@@ -128,8 +131,8 @@ def test_latency_on_tiny_bert(tiny_model):
 
 def test_run_without_eval_still_plots_loss(tmp_path, caplog):
     write_jsonl(tmp_path / "logs" / "fresh" / "metrics.jsonl", pretrain_records([10, 20, 30], evals=False))
-    runs = report.find_runs(tmp_path / "logs")
-    written = report.plot_convergence(runs, tmp_path / "plots")
+    runs = find_runs(tmp_path / "logs")
+    written = plot_convergence(runs, tmp_path / "plots")
     names = {p.name for p in written}
     assert "convergence_loss.png" in names and "convergence_terms.png" in names
     assert "convergence_eval.png" not in names
@@ -138,7 +141,7 @@ def test_run_without_eval_still_plots_loss(tmp_path, caplog):
 
 def test_missing_model_path_is_reported_and_skipped(caplog, tiny_model):
     model_dir, _ = tiny_model
-    table = report.benchmark_table(["no/such/model", model_dir], report.load_results("no/logs"), latency=False)
+    table = benchmark_table(["no/such/model", model_dir], load_results("no/logs"), latency=False)
     measured = table[table["source"] == "measured"]
     assert list(measured["path"]) == [str(model_dir)]
     assert "model folder no/such/model does not exist: skipped" in caplog.text
@@ -152,15 +155,15 @@ def test_truncated_last_line_and_resume(tmp_path, caplog):
     records += [{"step": 3, "epoch": 0, "tokens_seen": 3, "train/loss": 30.0}, {"step": 4, "epoch": 0}]
     records.insert(3, {"step": 2, "epoch": 0, "tokens_seen": 2, "train/loss": 20.0})
     write_jsonl(path, records, tail='\n{"step": 5, "train/lo')
-    got = report.read_metrics(path)
+    got = read_metrics(path)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert [r.get("train/loss") for r in got] == [1.0, 20.0, 30.0, None]
     assert "truncated last line" in caplog.text
 
 
 def test_tokens_axis_mapping_is_linear():
-    run = report.Run("r", None, records=pretrain_records([10, 20, 30], evals=False))
-    fwd, inv, label = report.step_to_tokens([run])
+    run = Run("r", None, records=pretrain_records([10, 20, 30], evals=False))
+    fwd, inv, label = step_to_tokens([run])
     assert fwd(100) == pytest.approx(100 * TOKENS_PER_STEP)
     assert inv(fwd(7.5)) == pytest.approx(7.5)
     assert label == "tokens seen"

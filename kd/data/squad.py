@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kd.data.bad_rows import BadRows
+from kd.data.bad_rows import CFG, BadRows
 from kd.errors import KDError
 from kd.hub import hub_error, prepare_hub_access
 
-CFG = "data"
 SQUAD_SHAPE = ('{"data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [{"id": ..., '
                '"question": ..., "answers": [{"text": ..., "answer_start": int}]}]}]}]}')
 

@@ -21,10 +21,10 @@ from typing import Callable, Dict
 
 import torch
 
-from kd import report
 from kd.config import PretrainConfig, load_config
 from kd.data.masking import MaskingSpec, mask_batch, num_predictions
 from kd.flops import config_flops
+from kd.report.runs import load_run
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Recipe:
         self.teacher = _json(self.teacher_dir / "config.json") if self.teacher_dir else None
         self.cache = Path(self.cfg.teacher_cache.path) if self.cfg.teacher_cache.path and self.cfg.loss.alpha_kd else None
         self.online = self.cache is None and (self.cfg.loss.alpha_kd > 0 or self.cfg.loss.alpha_hidden > 0)
-        self.run = report.load_run(logs / name)
+        self.run = load_run(logs / name)
 
     @property
     def predicted(self) -> int:

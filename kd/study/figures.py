@@ -6,8 +6,8 @@ from typing import List
 
 import numpy as np
 
-from kd import report
-from kd.plots import _figure, _save, _style, is_number, run_colors
+from kd.plots.style import is_number, new_figure, run_colors, save_figure, style_axes
+from kd.report.runs import load_run
 
 CELLS = [("neither", "no KD"), ("pretrain_kd_only", "pretraining KD"), ("task_kd_only", "task KD"),
          ("both", "both stages"), ("teacher", "teacher")]
@@ -15,7 +15,7 @@ CELLS = [("neither", "no KD"), ("pretrain_kd_only", "pretraining KD"), ("task_kd
 
 def _mean_curve(logs: Path, runs: List[str], key: str):
     """Mean over seeds of a metric at the steps every run logged it."""
-    series = [dict(zip(*report.load_run(logs / r).series(key))) for r in runs]
+    series = [dict(zip(*load_run(logs / r).series(key))) for r in runs]
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     return np.array(steps), np.array([np.mean([s[x] for s in series]) for x in steps]), series
 
@@ -25,7 +25,7 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
     fine-tuned test accuracy with every seed, the teacher and the majority-class floor."""
     groups = [g for g in summary["pretraining_groups"] if not g["lever"]]
     colors = run_colors([g["group"] for g in groups])
-    fig = _figure((13, 4.8))
+    fig = new_figure((13, 4.8))
     ax_mlm, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for g in groups:
         x, y, series = _mean_curve(logs, g["runs"], "eval/mlm_ce")
@@ -33,7 +33,7 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
             ax_mlm.plot(list(s), list(s.values()), "-", color=colors[g["group"]], alpha=0.25, lw=1)
         ax_mlm.plot(x, y, "-o", color=colors[g["group"]], markersize=3.5,
                     label=f"{g['group']} (mean of {len(g['runs'])})" if len(g["runs"]) > 1 else g["group"])
-    _style(ax_mlm, "held-out MLM loss (mean of seeds; seeds faint)", "cross-entropy (nats)")
+    style_axes(ax_mlm, "held-out MLM loss (mean of seeds; seeds faint)", "cross-entropy (nats)")
     ax_mlm.legend(frameon=False)
     cells = summary.get("two_by_two") or {}
     shown = [(key, label) for key, label in CELLS if key in cells]
@@ -55,15 +55,15 @@ def plot_study(summary: dict, logs: Path, out_dir: Path) -> Path:
     ax_acc.set_xticks(range(len(shown)), [label for _, label in shown])
     if values:
         ax_acc.set_ylim(max(0.0, min(values) - 2), min(100.0, max(values) + 1.5))
-    _style(ax_acc, "tweet sentiment, test accuracy (bar: mean ± std; dots: seeds)", "accuracy %",
-           "KD stages" if summary.get("two_by_two") else "fine-tune group")
-    return _save(fig, out_dir / "study.png")
+    style_axes(ax_acc, "tweet sentiment, test accuracy (bar: mean ± std; dots: seeds)", "accuracy %",
+               "KD stages" if summary.get("two_by_two") else "fine-tune group")
+    return save_figure(fig, out_dir / "study.png")
 
 
 def plot_dose_response(summary: dict, out_dir: Path) -> Path:
     """KD gain (with the seeds' std) against how far the teacher leads the no-KD student."""
     levels = summary.get("dose_response") or []
-    fig = _figure((7, 4.8))
+    fig = new_figure((7, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     for d in levels:
         gain = d["kd_gain"]
@@ -73,9 +73,9 @@ def plot_dose_response(summary: dict, out_dir: Path) -> Path:
         ax.annotate(f"teacher {d['teacher']}\n({d['teacher_loss']:.2f} nats)", (d["teacher_lead"], gain["mean"]),
                     xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
-    _style(ax, "KD gain against the teacher's lead (error bar: std over seeds; dots: seeds)",
-           "KD gain: no-KD loss − KD loss (nats)", "teacher's lead: no-KD loss − teacher loss (nats)")
-    return _save(fig, out_dir / "dose_response.png")
+    style_axes(ax, "KD gain against the teacher's lead (error bar: std over seeds; dots: seeds)",
+               "KD gain: no-KD loss − KD loss (nats)", "teacher's lead: no-KD loss − teacher loss (nats)")
+    return save_figure(fig, out_dir / "dose_response.png")
 
 
 def plot_equal_compute(summary: dict, out_dir: Path) -> Path:
@@ -83,7 +83,7 @@ def plot_equal_compute(summary: dict, out_dir: Path) -> Path:
     starts at its one-off generation cost."""
     from kd.study.render import EQUAL_COMPUTE_NAMES
     runs = (summary.get("equal_compute") or {}).get("runs", {})
-    fig = _figure((13, 4.8))
+    fig = new_figure((13, 4.8))
     axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     colors = run_colors(list(runs))
     for role, r in runs.items():
@@ -95,26 +95,26 @@ def plot_equal_compute(summary: dict, out_dir: Path) -> Path:
             ax.plot(x, loss, "-o", color=colors[role], markersize=3.5, label=EQUAL_COMPUTE_NAMES.get(role, role))
             if setup:
                 ax.axvline(setup / scale, color=colors[role], ls=":", lw=1)
-    _style(axes[0], "held-out MLM loss against training compute", "cross-entropy (nats)", "PFLOP (matmul, counted)")
-    _style(axes[1], "held-out MLM loss against time (dotted: cache generation)", "cross-entropy (nats)",
-           "minutes of training (measured step time x steps)")
+    style_axes(axes[0], "held-out MLM loss against training compute", "cross-entropy (nats)", "PFLOP (matmul, counted)")
+    style_axes(axes[1], "held-out MLM loss against time (dotted: cache generation)", "cross-entropy (nats)",
+               "minutes of training (measured step time x steps)")
     axes[0].legend(frameon=False)
-    return _save(fig, out_dir / "equal_compute.png")
+    return save_figure(fig, out_dir / "equal_compute.png")
 
 
 def plot_finetune_curves(summary: dict, out_dir: Path) -> Path:
     """Mean validation accuracy through fine-tuning per group: where it flattens."""
     groups = summary.get("finetune_groups") or []
     colors = run_colors([g["group"] for g in groups])
-    fig = _figure((8, 4.8))
+    fig = new_figure((8, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     for g in groups:
         curve = g["validation_curve"]
         ax.plot([int(s) for s in curve], list(curve.values()), "-o", color=colors[g["group"]], markersize=3.5,
                 label=f"{g['group']} (n={g['test_accuracy_pct']['n']})")
-    _style(ax, "fine-tuning: validation accuracy (mean of seeds)", "accuracy %")
+    style_axes(ax, "fine-tuning: validation accuracy (mean of seeds)", "accuracy %")
     ax.legend(frameon=False, fontsize=8)
-    return _save(fig, out_dir / "finetune_curves.png")
+    return save_figure(fig, out_dir / "finetune_curves.png")
 
 
 def write_figures(summary: dict, logs: Path, out_dir: Path) -> List[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from kd.plots import is_number
+from kd.plots.style import is_number
 
 
 def _f(value, digits=2) -> str:

@@ -14,9 +14,10 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
-from kd import report
 from kd.config import PretrainConfig, load_config
-from kd.plots import is_number
+from kd.plots.style import is_number
+from kd.report.benchmarks import PUBLISHED
+from kd.report.runs import Run, load_run
 from kd.study.plan import Stage, split_ref
 from kd.study.spec import METRICS, ExperimentConfig
 from kd.study.stats import judge, spread
@@ -24,7 +25,7 @@ from kd.study.stats import judge, spread
 log = logging.getLogger(__name__)
 
 
-def final_eval(run: report.Run) -> dict:
+def final_eval(run: Run) -> dict:
     """The last evaluation of a pretraining run: the one on its final weights."""
     evals = [r for r in run.records if "eval/mlm_ce" in r]
     if not evals:
@@ -36,7 +37,7 @@ def final_eval(run: report.Run) -> dict:
             "teacher_agreement_pct": last.get("eval/teacher_agreement")}
 
 
-def eval_at(run: report.Run, step: Optional[int]) -> Optional[float]:
+def eval_at(run: Run, step: Optional[int]) -> Optional[float]:
     """Held-out MLM loss at `step` (None: the last eval); None when the run has no eval there."""
     evals = {int(r["step"]): r["eval/mlm_ce"] for r in run.records if "eval/mlm_ce" in r}
     if not evals:
@@ -81,7 +82,7 @@ def pretraining_rows(logs: Path, stages: List[Stage]) -> List[dict]:
     for stage in stages:
         if stage.kind != "pretrain" or not (logs / stage.run / "config.yaml").is_file():
             continue
-        run = report.load_run(logs / stage.run)
+        run = load_run(logs / stage.run)
         rows.append({"run": stage.run, "group": stage.group, "seed": stage.seed, "lever": stage.lever,
                      **recipe(logs / stage.run / "config.yaml"), **final_eval(run),
                      "global_batch": run.info.get("global_batch"),
@@ -112,7 +113,7 @@ def pretraining_groups(rows: List[dict]) -> List[dict]:
     return out
 
 
-def _validation_curve(run: report.Run) -> Dict[int, float]:
+def _validation_curve(run: Run) -> Dict[int, float]:
     return {int(r["step"]): r["eval/accuracy"] for r in run.records if is_number(r.get("eval/accuracy"))}
 
 
@@ -124,7 +125,7 @@ def finetune_groups(logs: Path, stages: List[Stage]) -> tuple:
     for stage in stages:
         if stage.kind != "finetune":
             continue
-        run = report.load_run(stage.log_dir)
+        run = load_run(stage.log_dir)
         res = run.results or {}
         if "test" not in res:
             continue
@@ -179,7 +180,7 @@ def dose_response(cfg: ExperimentConfig, logs: Path, pre_groups: List[dict]) -> 
     for level in cfg.dose_response:
         teacher, step = split_ref(level.teacher)
         kd, nokd = groups.get(level.kd), groups.get(level.nokd)
-        teacher_loss = eval_at(report.load_run(logs / teacher), step) if (logs / teacher).is_dir() else None
+        teacher_loss = eval_at(load_run(logs / teacher), step) if (logs / teacher).is_dir() else None
         if teacher_loss is None or not kd or not nokd or not kd["heldout_mlm_loss"] or not nokd["heldout_mlm_loss"]:
             log.warning("dose-response level %s: runs missing", level.teacher)
             continue
@@ -235,7 +236,7 @@ def build_summary(cfg: ExperimentConfig, stages: List[Stage], minutes: dict, log
         "two_by_two": two_by_two(cfg, ft_groups),
         "dose_response": dose_response(cfg, logs, pre_groups),
         "equal_compute": equal_compute or {},
-        "published": report.PUBLISHED,
+        "published": PUBLISHED,
         "minutes": {k: v for k, v in minutes.items() if k in headline | levers},
         "total_minutes": round(sum(v for k, v in minutes.items() if k in headline), 1),
         "lever_minutes": round(sum(v for k, v in minutes.items() if k in levers), 1),

@@ -11,8 +11,9 @@ real packaged text, 2 gloo processes under `torchrun --max-restarts=N`, N = its 
    the data position (step, epoch, samples into the epoch, tokens) of the last checkpoint, and the
    exported model, all bitwise; for the cache, every shard's sha256.
 
-A fault is survived when the run carried on after it, without help beyond relaunching the same
-command after a whole-job fault, and finished. The table's last line reads
+A fault is survived when the run carried on after it without help (beyond relaunching the same
+command after a whole-job fault): the next fault strikes only once a new generation of workers has
+made progress, and after the last one the run must finish. The table's last line reads
 `soak: F faults, S survived, bitwise equal: yes|no`.
 
     .venv/bin/python bench/soak.py                      # the long soak (make soak): 50 faults
@@ -62,10 +63,10 @@ def plan(count: int, points: tuple, rng: random.Random) -> list:
     return specs
 
 
-def run_reference(workload, out: str) -> dict:
+def run_reference(workload) -> dict:
     """The uninterrupted run; also how long its workers took to start (to aim start-up faults)."""
-    points_dir = os.path.join(out, f"points-{workload.script}-reference")  # traced, never armed
-    log_path = os.path.join(out, f"{workload.script}-reference.log")
+    points_dir = os.path.join(workload.folder, "points-reference")  # traced, never armed
+    log_path = os.path.join(workload.folder, "reference.log")
     started, first_progress = time.time(), None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(workload.command("reference", 0), stdout=log, stderr=subprocess.STDOUT,
@@ -80,15 +81,16 @@ def run_reference(workload, out: str) -> dict:
     return {"seconds": seconds, "startup_s": first_progress or seconds}
 
 
-def soak_workload(workload, count: int, out: str, rng: random.Random, timeout_s: float) -> dict:
-    reference = run_reference(workload, out)
-    points_dir = os.path.join(out, f"points-{workload.script}")
+def soak_workload(workload, count: int, rng: random.Random, timeout_s: float) -> dict:
+    os.makedirs(workload.folder, exist_ok=True)
+    reference = run_reference(workload)
+    points_dir = os.path.join(workload.folder, "points")
     env = {**soak_env(points_dir), "LOGLEVEL": "INFO"}  # torchrun then logs each restart
-    log_path = os.path.join(out, f"{workload.script}-soaked.log")
+    log_path = os.path.join(workload.folder, "soaked.log")
     job = Job(workload.command("soaked", count), env, log_path)
-    # start-up faults land within the first 70% of the time workers take to reach their first step
+    # start-up faults land within the first half of the time workers take to reach their first step
     injector = Injector(job, lambda: workload.progress("soaked", points_dir), points_dir, rng, window_s=1.5,
-                        startup_window_s=0.7 * reference["startup_s"], timeout_s=timeout_s)
+                        startup_window_s=0.5 * reference["startup_s"], timeout_s=timeout_s)
     started, faults, failure = time.time(), [], None
     try:
         for spec in plan(count, workload.points, rng):
@@ -155,14 +157,17 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     rng = random.Random(args.seed)
     assets = make_assets(os.path.join(out, "assets"))
-    chosen = [(pretraining(out, assets, steps=6 * args.pretrain_faults + 10), args.pretrain_faults),
-              (cache_generation(out, assets, epochs=2), args.cache_faults),
-              (finetuning(out, assets, steps=6 * args.finetune_faults + 10), args.finetune_faults)]
+    chosen = [(pretraining(os.path.join(out, "pretraining"), assets, steps=6 * args.pretrain_faults + 10),
+               args.pretrain_faults),
+              (cache_generation(os.path.join(out, "teacher-cache"), assets, epochs=2), args.cache_faults),
+              (finetuning(os.path.join(out, "fine-tuning"), assets, steps=6 * args.finetune_faults + 10),
+               args.finetune_faults)]
     results = []
     for workload, count in chosen:
         if count > 0:
-            print(f"soaking {workload.name} with {count} faults (work folder {out})", flush=True)
-            results.append(soak_workload(workload, count, out, rng, args.timeout))
+            print(f"soaking {workload.name} with {count} faults in {workload.folder}", flush=True)
+            results.append(soak_workload(workload, count, rng, args.timeout))
+            print(table(results[-1:]).splitlines()[-1].replace("soak:", f"  {workload.name}:"), flush=True)
     with open(os.path.join(out, "faults.json"), "w") as fh:  # every fault, for a closer look
         json.dump([{"workload": r["workload"].name, **dataclasses.asdict(f)} for r in results for f in r["faults"]],
                   fh, indent=1)

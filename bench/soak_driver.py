@@ -1,7 +1,8 @@
 """The soak's hands: launch a torchrun job, find its workers, and inject one fault at a time.
 
 A fault is a signal (SIGKILL or SIGTERM) sent to one worker or to the whole job, at a moment:
-- "random time": a random delay after the run made progress again since the previous fault;
+- "random time": a random delay after a new generation of workers (torchrun's restart, or the
+  relaunch, after the previous fault) made progress: a step logged, a shard written;
 - "start-up": a random delay after a new generation of workers appeared, before it trained;
 - a fault point of kd/fault_points.py ("inside checkpoint.model_written", ...): the point is armed,
   the first process to reach it holds there, and the victim is that process or its peer.
@@ -132,7 +133,6 @@ class Injector:
         self.window_s, self.startup_window_s, self.timeout_s = window_s, startup_window_s, timeout_s
         self.relaunches = 0
         self.expect_exit = False  # True after a whole-job fault, until the run is launched again
-        self.last_progress = -1  # progress when the previous fault struck; -1 before any
 
     def ensure_running(self) -> bool:
         """Relaunch after a whole-job fault; False once the run has finished. An exit nobody asked
@@ -161,16 +161,20 @@ class Injector:
         return workers
 
     def inject(self, spec: FaultSpec) -> Optional[Fault]:
-        """One fault; None if the run finished before it could strike."""
+        """One fault; None if the run finished before it could strike. It waits for a generation of
+        workers that the previous fault did not strike, and unless it is aimed at their start-up, for
+        that generation's progress (a step logged, a shard written): the previous fault survived."""
         if not self.ensure_running():
             return None
+        workers = self._new_generation()
+        if not self.job.running():
+            return None
+        before = self.progress()
         if spec.moment == "start-up":
-            before = self.progress()
-            workers = self._new_generation()
             time.sleep(self.rng.uniform(0.1, self.startup_window_s))
             moment = "start-up" if self.progress() == before else "random time"
             return self._strike(spec, moment, workers)
-        if not wait_for(lambda: self.progress() > self.last_progress, self.job, self.timeout_s, "progress"):
+        if not wait_for(lambda: self.progress() > before, self.job, self.timeout_s, "progress"):
             return None
         if spec.moment == "random time":
             time.sleep(self.rng.uniform(0.0, self.window_s))
@@ -226,7 +230,6 @@ class Injector:
                 return None
             signal_pid(workers[rank], signum)
             victim = f"rank {rank}" + (f" ({note})" if note else "")
-        self.last_progress = progress
         return Fault(spec, moment, victim, progress)
 
 

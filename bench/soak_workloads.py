@@ -89,6 +89,7 @@ def compare_training(reference: str, soaked: str, step: int) -> List[str]:
 @dataclass
 class Workload:
     name: str
+    folder: str                                  # everything it writes: logs, checkpoints, cache, points
     script: str
     points: tuple
     unit: str
@@ -113,7 +114,7 @@ def _training(name: str, script: str, out: str, overrides: Callable[[str], dict]
         return [f"{k}={v}" for k, v in items.items()]
 
     return Workload(
-        name, script, CHECKPOINT_POINTS, "steps", args,
+        name, out, script, CHECKPOINT_POINTS, "steps", args,
         progress=lambda run, _points: count_lines(metrics(run), '"train/loss"'),
         redone=lambda run, _points: count_lines(metrics(run), '"train/loss"') - steps,
         compare=lambda ref, run: compare_training(os.path.join(out, "ckpt", ref), os.path.join(out, "ckpt", run),
@@ -167,7 +168,7 @@ def cache_generation(out: str, assets: dict, epochs: int) -> Workload:
         return count_lines(os.path.join(points, "trace"), point)
 
     # progress: shards finished (recorded); work redone: shards computed in full more than once
-    return Workload("teacher cache", "cache_teacher.py", CACHE_POINTS, "shards", args,
+    return Workload("teacher cache", out, "cache_teacher.py", CACHE_POINTS, "shards", args,
                     progress=lambda _run, points: traced(points, "teacher_cache.shard_recorded"),
                     redone=lambda run, points: traced(points, "teacher_cache.shard_tmp_written") - len(shards(run)),
                     compare=compare)

@@ -26,7 +26,7 @@ def test_short_soak_survives_every_fault_with_bitwise_equal_state(tmp_path):
     for kind in ("SIGKILL worker", "SIGTERM worker", "SIGKILL job", "SIGTERM job", "inside checkpoint."):
         assert kind in out, out
     # the comparison behind "bitwise equal" does see one changed optimizer value or data position
-    ckpt = tmp_path / "ckpt"
+    ckpt = tmp_path / "pretraining" / "ckpt"
     step = max(int(n.split("_")[1]) for n in os.listdir(ckpt / "soaked") if n.startswith("step_"))
     assert compare_training(str(ckpt / "reference"), str(ckpt / "soaked"), step) == []
     shutil.copytree(ckpt / "soaked", ckpt / "altered")

@@ -104,6 +104,7 @@ def soak_workload(workload, count: int, rng: random.Random, timeout_s: float) ->
             failure = f"exit status {job.proc.returncode} (see {log_path})"
     except (Stuck, RuntimeError, subprocess.TimeoutExpired) as err:
         failure = str(err)
+    finally:  # a hang, an error or Ctrl-C here: leave no job behind
         if job.running():
             job.kill_all()
     for i, fault in enumerate(faults):

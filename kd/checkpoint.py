@@ -9,7 +9,9 @@ Layout of `checkpoints/<run_name>/`:
 A checkpoint is written into a temporary folder, fsynced and renamed, then re-read and verified
 against its manifest, and only then named in `latest`; older ones are pruned after that. Weights
 are safetensors and the rest loads with `torch.load(weights_only=True)` or JSON: nothing is
-unpickled.
+unpickled. state.json also holds what the run resuming from it must match (Checkpointer.load).
+A write that fails (a full disk) or a checkpoint that does not read back intact leaves the previous
+one as it was; when none verifies, resuming stops with an error rather than starting over.
 """
 import hashlib
 import json

@@ -16,7 +16,8 @@ what the (static) eval masks are.
 Layout of a cache folder:
     manifest.json                  what the cache was made from (teacher weights sha256, tokenizer,
                                    seq_len, token blocks sha256, masking, k, T) and the size and
-                                   sha256 of every shard; "complete": true once all shards exist
+                                   sha256 of every shard; "complete": true once all shards exist;
+                                   "seal": the sha256 of all that (kd/integrity.py), checked on read
     shards/<split>-e<c>-<i>.npy    blocks [i*S, (i+1)*S) of a split, one structured row per block,
                                    read memory-mapped
     shards/<...>.npy.json          the shard's size and sha256, written after it: a shard without one

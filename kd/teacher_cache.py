@@ -69,11 +69,11 @@ from tqdm.auto import tqdm
 from kd import dist, fault_points
 from kd.checkpoint import _sha256 as sha256_file
 from kd.checkpoint import write_text_atomic
-from kd.integrity import reason, sealed, space_note, unseal
 from kd.data.blocks import tokenizer_fingerprint
 from kd.data.corpus import corpus_fingerprint
 from kd.data.masking import MaskingSpec, mask_batch, masking_spec_for, num_predictions
 from kd.errors import KDError
+from kd.integrity import reason, sealed, space_note, unseal
 from kd.models import gather_positions
 from kd.run_inputs import TOKENIZER_DIR, check_compatible, tokenizer_ref
 
@@ -219,12 +219,9 @@ class TeacherCache:
             self.temperature = float(m["temperature"])
             self.predictions = int(m["masking"]["predictions_per_block"])
             self.dtype = row_dtype(self.predictions, self.topk, m["ids_dtype"])
-            sizes = {name: int(shard["size"]) for name, shard in m["shards"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # an unsealed (older) manifest
             raise KDError(f"{manifest_path}: malformed manifest ({type(err).__name__}: {err}). Regenerate "
                           f"the cache with cache_teacher.py.") from None
-        if min(sizes.values(), default=1) <= 0:
-            raise KDError(f"{manifest_path}: malformed manifest (a shard of size 0). Regenerate the cache.")
         self._open: Dict[str, np.ndarray] = {}
 
     def __getstate__(self):
@@ -417,7 +414,6 @@ def write_manifest(folder: str, manifest: dict) -> None:
 
 
 # ---- collectives (no-ops without a process group) --------------------------------------------
-
 
 def _on_rank0(fn: Callable):
     """fn() on rank 0, its result on every rank (KDErrors too)."""

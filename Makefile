@@ -6,7 +6,7 @@ TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo demo-pretrain demo-finetune demo-report test experiment experiment-levers experiment-narrow gpu-check clean
+.PHONY: install demo demo-pretrain demo-finetune demo-report test soak experiment experiment-levers experiment-narrow gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ gpu-check: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Reliability soak (README "Reliability"): 50 kills and stops under torchrun, at random and inside
+# checkpoint and cache writes, then a bitwise comparison; about 15 minutes on 2 cores.
+soak: install
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf cache logs/* checkpoints/* plots/*

@@ -148,6 +148,15 @@ def control_group():
     return _CONTROL_GROUP
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` in rank order, over the CPU control group; [obj] without a process group."""
+    if not tdist.is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if tdist.is_initialized():
         tensor = tensor.clone()

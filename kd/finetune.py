@@ -22,6 +22,7 @@ from kd.config import TrainConfig, check_choice, to_dict, to_yaml, validate_trai
 from kd.data.loader import make_loader
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
+from kd.integrity import run_identity
 from kd.logger import setup_console_logging, write_json, write_run_files
 from kd.losses import kl_div_logits
 from kd.models import count_parameters, load_pretrained, load_tokenizer
@@ -289,7 +290,8 @@ def _run(cfg, info) -> dict:
         log.info("exported fine-tuned model to %s", out)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last,
-                                {"model": cfg.model, "task": cfg.task, "data": to_dict(cfg.data)})
+                                {"model": cfg.model, "task": cfg.task, "data": to_dict(cfg.data)},
+                                run_identity(to_dict(cfg)))
     trainer = Trainer(cfg.train, info, model, lambda m, b: task.loss(m, teacher, b, cfg.distill),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:

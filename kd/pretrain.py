@@ -15,6 +15,7 @@ from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.masking import masking_spec_for, rare_token_weights
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
+from kd.integrity import run_identity
 from kd.logger import setup_console_logging, write_run_files
 from kd.models import (DistillationStudent, build_pruned_student, build_student, count_parameters,
                        default_hidden_map, load_mlm_model, load_teacher, load_tokenizer)
@@ -148,7 +149,7 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         fingerprint["attention_terms"] = [t.name for t in plan.attention_terms]
     if cache is not None:  # a run resumes only onto the same cached teacher rows
         fingerprint["teacher_cache"] = cache.content_id
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint)
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint, run_identity(to_dict(cfg)))
     trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:

@@ -16,7 +16,8 @@ what the (static) eval masks are.
 Layout of a cache folder:
     manifest.json                  what the cache was made from (teacher weights sha256, tokenizer,
                                    seq_len, token blocks sha256, masking, k, T) and the size and
-                                   sha256 of every shard; "complete": true once all shards exist
+                                   sha256 of every shard; "complete": true once all shards exist;
+                                   "seal": the sha256 of all that (kd/integrity.py), checked on read
     shards/<split>-e<c>-<i>.npy    blocks [i*S, (i+1)*S) of a split, one structured row per block,
                                    read memory-mapped
     shards/<...>.npy.json          the shard's size and sha256, written after it: a shard without one
@@ -50,6 +51,7 @@ The folder must be on a filesystem that every rank sees, for writing and for rea
 """
 import copy
 import hashlib
+import io
 import json
 import logging
 import math
@@ -64,13 +66,14 @@ import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
 
-from kd import dist
+from kd import dist, fault_points
 from kd.checkpoint import _sha256 as sha256_file
 from kd.checkpoint import write_text_atomic
 from kd.data.blocks import tokenizer_fingerprint
 from kd.data.corpus import corpus_fingerprint
 from kd.data.masking import MaskingSpec, mask_batch, masking_spec_for, num_predictions
 from kd.errors import KDError
+from kd.integrity import reason, sealed, space_note, unseal
 from kd.models import gather_positions
 from kd.run_inputs import TOKENIZER_DIR, check_compatible, tokenizer_ref
 
@@ -206,20 +209,19 @@ class TeacherCache:
         if not os.path.isfile(manifest_path):
             raise KDError(f"no teacher cache at {path} ({MANIFEST} missing). Make one with: python "
                           f"cache_teacher.py --config <this run's preset> teacher_cache.path={path}")
-        try:
-            with open(manifest_path) as fh:
-                self.manifest = json.load(fh)
-        except (OSError, json.JSONDecodeError) as err:
-            raise KDError(f"{manifest_path}: unreadable manifest ({err})") from None
-        if not self.manifest.get("complete"):
+        self.manifest = m = read_manifest(manifest_path)
+        if not m.get("complete"):
             raise KDError(f"teacher cache {path} is incomplete (its generation was interrupted). Rerun the "
                           f"same cache_teacher.py command: it keeps finished shards and writes the rest.")
-        m = self.manifest
-        self.draws = {"train": int(m["epochs"]), "validation": 1}
-        self.topk, self.shard_blocks = int(m["topk"]), int(m["shard_blocks"])
-        self.temperature = float(m["temperature"])
-        self.predictions = int(m["masking"]["predictions_per_block"])
-        self.dtype = row_dtype(self.predictions, self.topk, m["ids_dtype"])
+        try:
+            self.draws = {"train": int(m["epochs"]), "validation": 1}
+            self.topk, self.shard_blocks = int(m["topk"]), int(m["shard_blocks"])
+            self.temperature = float(m["temperature"])
+            self.predictions = int(m["masking"]["predictions_per_block"])
+            self.dtype = row_dtype(self.predictions, self.topk, m["ids_dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # an unsealed (older) manifest
+            raise KDError(f"{manifest_path}: malformed manifest ({type(err).__name__}: {err}). Regenerate "
+                          f"the cache with cache_teacher.py.") from None
         self._open: Dict[str, np.ndarray] = {}
 
     def __getstate__(self):
@@ -289,7 +291,7 @@ class TeacherCache:
                 todo.append(name)
         bad = [n for n in todo[rank::world_size]
                if sha256_file(os.path.join(self.path, SHARDS, n)) != shards[n]["sha256"]]
-        bad = sorted(sum(_all_gather(bad), []))
+        bad = sorted(sum(dist.all_gather_object(bad), []))
         if bad:
             raise KDError(f"teacher cache {self.path}: shard(s) {', '.join(bad[:5])}"
                           f"{' ...' if len(bad) > 5 else ''} fail their sha256 checksum (corrupt). Rerun the "
@@ -391,15 +393,27 @@ def write_stamp(folder: str, stamp: dict) -> None:
         log.warning("could not record verified shards in %s (%s); they will be re-hashed next time", folder, err)
 
 
+# ---- the manifest: sealed (a checksum over its content), written atomically ----------------
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return unseal(json.load(fh), path)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise KDError(f"{path}: unreadable manifest ({err}). Regenerate the cache with cache_teacher.py.") from None
+
+
+def write_manifest(folder: str, manifest: dict) -> None:
+    path = os.path.join(folder, MANIFEST)
+    text = json.dumps(sealed(manifest), indent=1)
+    try:
+        write_text_atomic(path, text)
+    except OSError as err:
+        raise KDError(f"could not write {path} ({reason(err)}); {space_note(path, len(text))}. Free disk "
+                      f"space and rerun the same cache_teacher.py command: finished shards are kept.") from None
+
+
 # ---- collectives (no-ops without a process group) --------------------------------------------
-
-def _all_gather(obj) -> list:
-    if not tdist.is_initialized():
-        return [obj]
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj, group=dist.control_group())
-    return out
-
 
 def _on_rank0(fn: Callable):
     """fn() on rank 0, its result on every rank (KDErrors too)."""
@@ -445,15 +459,29 @@ def _completed(folder: str, name: str, rows: int) -> Optional[dict]:
 
 
 def _write_shard(folder: str, name: str, rows: np.ndarray) -> dict:
+    """The shard, then its record: a shard without a record is rewritten when generation resumes."""
     path = os.path.join(folder, SHARDS, name)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    record = {"rows": int(len(rows)), "size": os.path.getsize(path), "sha256": sha256_file(path)}
-    write_text_atomic(path + ".json", json.dumps(record))
+    buffer = io.BytesIO()
+    np.save(buffer, rows)  # then one plain write: numpy's own file writes lose the errno of a full disk
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        fault_points.reached("teacher_cache.shard_tmp_written")
+        os.replace(tmp, path)
+        fault_points.reached("teacher_cache.shard_renamed")
+        record = {"rows": int(len(rows)), "size": os.path.getsize(path), "sha256": sha256_file(path)}
+        write_text_atomic(path + ".json", json.dumps(record))
+    except OSError as err:  # a full disk: nothing half-written stays that a rerun could take as finished
+        for leftover in (tmp, path):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise KDError(f"teacher cache: could not write shard {path} ({reason(err)}); "
+                      f"{space_note(path, buffer.getbuffer().nbytes)}. Free disk space and rerun the same "
+                      f"cache_teacher.py command: finished shards are kept.") from None
+    fault_points.reached("teacher_cache.shard_recorded")
     return record
 
 
@@ -462,9 +490,8 @@ def _start_manifest(folder: str, identity: dict, tokenizer) -> None:
     path = os.path.join(folder, MANIFEST)
     if os.path.isfile(path):
         try:
-            with open(path) as fh:
-                existing = json.load(fh)
-        except (OSError, json.JSONDecodeError):
+            existing = read_manifest(path)
+        except KDError:  # corrupt: rewritten below; finished shards are trusted only through their records
             existing = None
         if existing is not None:
             keys = differences({k: v for k, v in existing.items() if k not in _RUN_ONLY_KEYS}, identity)
@@ -476,7 +503,7 @@ def _start_manifest(folder: str, identity: dict, tokenizer) -> None:
                 log.info("%s is already complete; checking its shards", folder)
     os.makedirs(os.path.join(folder, SHARDS), exist_ok=True)
     # incomplete until every shard is checked again: an interrupted rerun must not look finished
-    write_text_atomic(path, json.dumps({**identity, "complete": False}, indent=1))
+    write_manifest(folder, {**identity, "complete": False})
     tokenizer.save_pretrained(os.path.join(folder, TOKENIZER_DIR))
 
 
@@ -508,41 +535,41 @@ def generate(cfg, info: dist.DistInfo, teacher, tokenizer, splits: Dict[str, np.
     head = teacher.cls if next(teacher.parameters()).dtype == torch.float32 else copy.deepcopy(teacher.cls).float()
     batch_size = tc.batch_size or cfg.train.batch_size
     records, written, computed_blocks, compute_s = {}, 0, 0, 0.0
-    bar = tqdm(total=sum(span(s, i)[1] - span(s, i)[0] for s, _, i in mine), unit="block",
-               desc="teacher cache", disable=not info.is_main, mininterval=0.5 if sys.stderr.isatty() else 30)
-    for split, draw, index in mine:
-        name = shard_name(split, draw, index)
-        start, end = span(split, index)
-        record = _completed(folder, name, end - start)
-        if record is None:
-            rows = np.zeros(end - start, dtype=dtype)
-            blocks = splits[split]
-            tick = time.time()
-            for lo in range(start, end, batch_size):
-                hi = min(lo + batch_size, end)
-                batch = mask_batch([torch.from_numpy(np.asarray(blocks[i], dtype=np.int64)) for i in range(lo, hi)],
-                                   list(range(lo, hi)), spec, draw)
-                ids, logprobs, lse = teacher_topk(teacher, head, batch["input_ids"].to(info.device),
-                                                  batch["masked_positions"].to(info.device), tc.topk,
-                                                  cfg.loss.temperature)
-                part = rows[lo - start:hi - start]
-                part["positions"] = batch["masked_positions"].numpy()
-                part["ids"] = ids.cpu().numpy()
-                part["logprobs"] = logprobs.cpu().numpy()
-                part["lse"] = lse.cpu().numpy()
-                bar.update(hi - lo)
-            compute_s += time.time() - tick
-            computed_blocks += end - start
-            record = _write_shard(folder, name, rows)
-            written += 1
-            if on_shard_written is not None:
-                on_shard_written(name)
-        else:
-            bar.update(end - start)
-        records[name] = {"split": split, "draw": draw, "index": index, "start": start, **record}
-    bar.close()
+    # a context, so that the bar is closed on an error too and the error's line starts a line
+    with tqdm(total=sum(span(s, i)[1] - span(s, i)[0] for s, _, i in mine), unit="block", desc="teacher cache",
+              disable=not info.is_main, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        for split, draw, index in mine:
+            name = shard_name(split, draw, index)
+            start, end = span(split, index)
+            record = _completed(folder, name, end - start)
+            if record is None:
+                rows = np.zeros(end - start, dtype=dtype)
+                blocks = splits[split]
+                tick = time.time()
+                for lo in range(start, end, batch_size):
+                    hi = min(lo + batch_size, end)
+                    batch = mask_batch([torch.from_numpy(np.asarray(blocks[i], dtype=np.int64)) for i in range(lo, hi)],
+                                       list(range(lo, hi)), spec, draw)
+                    ids, logprobs, lse = teacher_topk(teacher, head, batch["input_ids"].to(info.device),
+                                                      batch["masked_positions"].to(info.device), tc.topk,
+                                                      cfg.loss.temperature)
+                    part = rows[lo - start:hi - start]
+                    part["positions"] = batch["masked_positions"].numpy()
+                    part["ids"] = ids.cpu().numpy()
+                    part["logprobs"] = logprobs.cpu().numpy()
+                    part["lse"] = lse.cpu().numpy()
+                    bar.update(hi - lo)
+                compute_s += time.time() - tick
+                computed_blocks += end - start
+                record = _write_shard(folder, name, rows)
+                written += 1
+                if on_shard_written is not None:
+                    on_shard_written(name)
+            else:
+                bar.update(end - start)
+            records[name] = {"split": split, "draw": draw, "index": index, "start": start, **record}
 
-    gathered = _all_gather({"records": records, "written": written, "blocks": computed_blocks, "seconds": compute_s})
+    gathered = dist.all_gather_object({"records": records, "written": written, "blocks": computed_blocks, "seconds": compute_s})
     shards = {name: rec for part in gathered for name, rec in part["records"].items()}
     written = sum(p["written"] for p in gathered)
     summary = {"shards": len(shards), "written": written, "skipped": len(shards) - written,
@@ -555,7 +582,8 @@ def generate(cfg, info: dist.DistInfo, teacher, tokenizer, splits: Dict[str, np.
                     "shards": dict(sorted(shards.items()))}
         # every shard was hashed as it was written, or checked when skipped: record that
         write_stamp(folder, {n: stamp_entry(os.path.join(folder, SHARDS, n), r["sha256"]) for n, r in shards.items()})
-        write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+        fault_points.reached("teacher_cache.manifest_pending")
+        write_manifest(folder, manifest)
         log.info("teacher cache %s: %d shards (%d written, %d already done), %.1f MB; %d train blocks x %d "
                  "draw(s) + %d validation blocks, %d masked positions each, k=%d; %.1f blocks/s",
                  folder, summary["shards"], summary["written"], summary["skipped"], summary["bytes"] / 2 ** 20,

@@ -148,13 +148,15 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list:
     return diff
 
 
-def _refuse_if_different(folder: str, what: str, saved: dict, current: dict) -> None:
-    if saved == current:
-        return
+def _differences(saved: dict, current: dict) -> str:
     diff = config_diff(saved, current)
     shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diff[:8])
-    raise KDError(f"checkpoint {folder} {what} (differs in: {shown}{'; ...' if len(diff) > 8 else ''}). "
-                  f"Use a new run_name, or train.resume=none to start over.")
+    return shown + ("; ..." if len(diff) > 8 else "")
+
+
+def _refuse_if_different(folder: str, what: str, saved: dict, current: dict, fix: str) -> None:
+    if saved != current:
+        raise KDError(f"checkpoint {folder} {what} (differs in: {_differences(saved, current)}). {fix}")
 
 
 class Checkpointer:
@@ -303,12 +305,22 @@ class Checkpointer:
                           f"{problems[0]}). Restore a good copy, or start over with train.resume=none.")
         return None
 
-    def load(self, folder: str, model, optimizer, scheduler, scaler) -> dict:
+    def load(self, folder: str, model, optimizer, scheduler, scaler, named: bool = False) -> dict:
+        """`named`: the user named this checkpoint (train.resume=<folder>), so it may continue with
+        other settings (say a lower train.lr), which are logged; under train.resume=auto a checkpoint
+        whose settings differ is taken for another run's and refused. The model's shape must match."""
         with open(os.path.join(folder, "state.json")) as fh:
             state = json.load(fh)
-        _refuse_if_different(folder, "comes from another config", state.get("config") or {}, self.fingerprint)
+        _refuse_if_different(folder, "comes from another config", state.get("config") or {}, self.fingerprint,
+                             "Use a new run_name, or train.resume=none to start over.")
         if self.identity is not None and "identity" in state:  # checkpoints from before identities: no check
-            _refuse_if_different(folder, "belongs to another run", state["identity"], self.identity)
+            if named and state["identity"] != self.identity:
+                log.warning("resuming %s with other settings (%s)", folder,
+                            _differences(state["identity"], self.identity))
+            elif not named:
+                _refuse_if_different(folder, "belongs to another run", state["identity"], self.identity,
+                                     f"Use a new run_name, train.resume=none to start over, or continue this run "
+                                     f"with the new settings by naming it: train.resume={folder}")
         load_model(model, os.path.join(folder, "model.safetensors"))
         optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
         sched = torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True)

@@ -157,7 +157,8 @@ class Trainer:
             if self.cfg.resume == "auto":
                 log.info("no checkpoint to resume from; starting at step 0")
             return
-        saved = self.checkpointer.load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+        saved = self.checkpointer.load(folder, self.model, self.optimizer, self.scheduler, self.scaler,
+                                       named=self.cfg.resume != "auto")
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"],
                                samples_in_epoch=saved["samples_in_epoch"], tokens_seen=saved["tokens_seen"],
                                skipped_steps=saved.get("skipped_steps", 0))

@@ -241,3 +241,8 @@ def test_resuming_with_a_changed_setting_is_refused_by_a_real_run(tmp_path, tiny
     with pytest.raises(KDError, match=r"belongs to another run \(differs in: train.lr: 0.001 in the checkpoint, "
                                       r"0.002 now\)"):
         run("train.lr=0.002", "train.max_steps=6", "train.log_every=2")  # the last two may change
+    # naming the checkpoint is the user vouching for it: the run continues with the new learning rate
+    named = tmp_path / "ckpt" / "cfg" / "step_000003"
+    run("train.lr=0.002", "train.max_steps=6", f"train.resume={named}")
+    records = [json.loads(line) for line in (tmp_path / "logs" / "cfg" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r][-3:] == [4, 5, 6]

@@ -17,7 +17,7 @@ from kd.errors import friendly_errors
 def main(argv=None) -> None:
     with friendly_errors():
         cfg = parse_cli(PretrainConfig, sys.argv[1:] if argv is None else argv)
-        from kd.teacher_cache import run_cache_generation  # heavy imports only after the config is valid
+        from kd.teacher_cache.generate import run_cache_generation  # heavy imports only after the config is valid
         run_cache_generation(cfg)
 
 

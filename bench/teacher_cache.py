@@ -45,7 +45,9 @@ from kd.data.masking import masking_spec_for, num_predictions  # noqa: E402
 from kd.engine import autocast_for, build_optimizer  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map, load_tokenizer  # noqa: E402
 from kd.objective import distill_loss, make_plan  # noqa: E402
-from kd.teacher_cache import CachedTeacherCollate, TeacherCache, bytes_per_position, generate  # noqa: E402
+from kd.teacher_cache.format import bytes_per_position  # noqa: E402
+from kd.teacher_cache.generate import generate  # noqa: E402
+from kd.teacher_cache.read import CachedTeacherCollate, TeacherCache  # noqa: E402
 
 
 class Step:

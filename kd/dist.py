@@ -6,7 +6,7 @@ plain `python` script: a single process and no process group at all.
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -99,24 +99,28 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def rank0_first(fn: Callable[[], T]) -> None:
+def rank0_first(fn: Callable[[], T], share_result: bool = False) -> Optional[T]:
     """Run `fn` on rank 0 while the others wait; if it fails, every rank fails with its message.
+    With share_result, every rank gets fn's (small, picklable) result; else only rank 0 does.
 
     Without this, a user error on rank 0 (say, a missing file) would leave the others blocked in a
     barrier until the 30-minute collective timeout.
     """
-    error = None
+    result, error = None, None
     if is_rank0():
         try:
-            fn()
+            result = fn()
         except KDError as err:
             error = str(err)
     if tdist.is_initialized():
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
+        box = [result if share_result else None, error]
+        tdist.broadcast_object_list(box, src=0, group=control_group())
+        if share_result:
+            result = box[0]
+        error = box[1]
     if error is not None:
         raise KDError(error)
+    return result
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

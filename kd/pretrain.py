@@ -22,7 +22,7 @@ from kd.models import (DistillationStudent, build_pruned_student, build_student,
 from kd.objective import attention_terms_for, distill_loss, evaluate_mlm, make_plan
 from kd.prune import write_ranking
 from kd.run_inputs import check_compatible, tokenizer_ref
-from kd.teacher_cache import CachedTeacherCollate, open_for_training
+from kd.teacher_cache.read import CachedTeacherCollate, open_for_training
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a pretraining run reads besides its corpus: which tokenizer, and whether the teacher fits it.
 
-Used by pretraining (kd/pretrain.py) and by teacher-cache generation (kd/teacher_cache.py); it sits
+Used by pretraining (kd/pretrain.py) and by teacher-cache generation (kd/teacher_cache/generate.py); it sits
 below both, so neither imports the other for it.
 """
 import os

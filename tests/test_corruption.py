@@ -20,7 +20,9 @@ from kd.errors import KDError
 from kd.integrity import RESUMABLE_KEYS, run_identity
 from kd.models import load_tokenizer
 from kd.pretrain import run_pretraining
-from kd.teacher_cache import SHARDS, TeacherCache, run_cache_generation, teacher_weights_sha256
+from kd.teacher_cache.format import SHARDS, teacher_weights_sha256
+from kd.teacher_cache.generate import run_cache_generation
+from kd.teacher_cache.read import TeacherCache
 from tests.conftest import tiny_overrides
 from tests.test_faults import save_step, toy_parts
 from tests.test_teacher_cache import make_cfg, small_corpus  # noqa: F401 (a fixture)

@@ -10,7 +10,8 @@ import resource
 import subprocess
 
 from kd import checkpoint as ckpt_mod
-from kd.teacher_cache import SHARDS, TeacherCache
+from kd.teacher_cache.format import SHARDS
+from kd.teacher_cache.read import TeacherCache
 from tests.conftest import PY, ROOT, run_script, tiny_overrides
 
 LIMIT_BYTES = 2_000_000

@@ -119,7 +119,7 @@ def test_init_layers_from_copies_another_models_layers_while_the_teacher_teaches
     teacher = BertForMaskedLM.from_pretrained(tiny_teacher_dir).state_dict()
     src = source.state_dict()
     for s_idx, t_idx in ((0, 3), (1, 0)):
-        key = f"encoder.layer.{{}}.attention.self.query.weight"
+        key = "encoder.layer.{}.attention.self.query.weight"
         assert torch.equal(student["bert." + key.format(s_idx)], src["bert." + key.format(t_idx)])
         assert not torch.equal(student["bert." + key.format(s_idx)], teacher["bert." + key.format(t_idx)])
     assert torch.equal(student["bert.embeddings.word_embeddings.weight"], src["bert.embeddings.word_embeddings.weight"])

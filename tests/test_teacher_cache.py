@@ -17,8 +17,9 @@ from kd.data.masking import mask_batch, masking_spec_for
 from kd.errors import KDError
 from kd.losses import kl_div_logits, topk_kl
 from kd.models import load_teacher, load_tokenizer, mlm_forward
-from kd.teacher_cache import (SHARDS, CachedTeacherCollate, TeacherCache, _write_shard, row_dtype,
-                              run_cache_generation, teacher_topk, teacher_weights_sha256)
+from kd.teacher_cache.format import SHARDS, row_dtype, teacher_weights_sha256
+from kd.teacher_cache.generate import _write_shard, run_cache_generation, teacher_topk
+from kd.teacher_cache.read import CachedTeacherCollate, TeacherCache
 from tests.conftest import PY, TORCHRUN, run_script, tiny_bert_config, tiny_overrides
 
 TOPK, SHARD_BLOCKS = 16, 32

@@ -116,7 +116,7 @@ def _train_step(recipe: Recipe, teacher) -> Callable[[], None]:
 
 
 def _cache_batch_step(recipe: Recipe, teacher) -> Callable[[], None]:
-    from kd.teacher_cache import teacher_topk
+    from kd.teacher_cache.generate import teacher_topk
     batch = _batch(recipe, recipe.teacher["vocab_size"], recipe.cfg.teacher_cache.topk)
     return lambda: teacher_topk(teacher, teacher.cls, batch["input_ids"], batch["masked_positions"],
                                 recipe.cfg.teacher_cache.topk, recipe.cfg.loss.temperature)

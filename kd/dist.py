@@ -148,6 +148,15 @@ def control_group():
     return _CONTROL_GROUP
 
 
+def all_gather_object(value) -> list:
+    """Every rank's `value` (a small picklable object), in rank order, over the CPU control group."""
+    if not tdist.is_initialized():
+        return [value]
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, value, group=control_group())
+    return gathered
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if tdist.is_initialized():
         tensor = tensor.clone()

@@ -13,11 +13,14 @@ the whole process tree (the build and every worker) from /proc every 0.2 s:
 - PSS: the sum of each process's proportional share (/proc/PID/smaps_rollup), shared pages counted once;
 - anon: the RSS part that is not file-backed (RssAnon): the memory the kernel cannot drop.
 The slope is the growth of peak RSS per GB of text between the smallest and the largest size.
+CPU time is the whole tree's (user + system); "cores busy" is CPU time over wall time: on a machine
+shared with other jobs, wall time only falls with num_proc as far as there are idle cores.
 """
 import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,19 +98,24 @@ class TreeMemory(threading.Thread):
             self.done.wait(0.2)
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant, workers included
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(command: list) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    started = time.time()
+    cpu_before, started = _children_cpu(), time.time()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = TreeMemory(proc.pid)
     sampler.start()
     output, _ = proc.communicate()
-    seconds = time.time() - started
+    seconds, cpu = time.time() - started, _children_cpu() - cpu_before
     sampler.done.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(command)}\n{output[-3000:]}")
-    return {"seconds": seconds, **sampler.peak}
+    return {"seconds": seconds, "cpu": cpu, **sampler.peak}
 
 
 def run_new(text: str, num_proc: int, cache: str) -> dict:
@@ -184,12 +192,14 @@ def main() -> None:
 
 
 def report(rows: list) -> None:
-    print("\n| path | text | num_proc | time | tokens/s | peak RSS (tree) | peak PSS (tree) | peak anon (tree) | processes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| path | text | num_proc | time | tokens/s | CPU time | tokens per CPU-s | cores busy | "
+          "peak RSS (tree) | peak PSS (tree) | peak anon (tree) | processes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['path']} | {r['mb']} MB | {r['num_proc']} | {r['seconds']:.1f} s | "
-              f"{r['tokens'] / r['seconds'] / 1e6:.2f} M | {r['rss']:.0f} MB | {r['pss']:.0f} MB | "
-              f"{r['anon']:.0f} MB | {r['processes']} |")
+              f"{r['tokens'] / r['seconds'] / 1e6:.2f} M | {r['cpu']:.1f} s | {r['tokens'] / r['cpu'] / 1e6:.2f} M | "
+              f"{r['cpu'] / r['seconds']:.2f} | {r['rss']:.0f} MB | {r['pss']:.0f} MB | {r['anon']:.0f} MB | "
+              f"{r['processes']} |")
     print()
     groups = sorted({(r["path"], r["num_proc"]) for r in rows})
     for path, num_proc in groups:

@@ -218,3 +218,19 @@ def test_prepare_only_builds_the_cache_without_loading_the_teacher(tmp_path, tok
     info = json.loads((tmp_path / "cache" / folder / "info.json").read_text())
     assert info["blocks"]["train"] > 0 and info["num_proc"] == 2 and f"prepared {tmp_path / 'cache'}" in result.stdout
     assert not os.path.exists(tmp_path / "ckpt")  # no training started
+
+
+def test_a_script_without_a_main_guard_fails_instead_of_hanging(tmp_path, tokenizer_dir, corpus_file):
+    """With data.num_proc > 1 the workers are spawned and run the main script again."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from kd.config import PretrainConfig, load_config\n"
+        "from kd.data.blocks import load_blocks\n"
+        "from kd.models import load_tokenizer\n"
+        f"cfg = load_config(PretrainConfig, None, ['run_name=x', 'data.source=text', 'data.train_files=[{corpus_file}]',"
+        f" 'data.cache_dir={tmp_path / 'cache'}', 'data.num_proc=2'])\n"
+        f"load_blocks(cfg.data, load_tokenizer('{tokenizer_dir}'))\n")
+    from tests.conftest import ROOT
+    result = run_script([PY, str(script)], env_extra={"PYTHONPATH": ROOT}, timeout=300)
+    assert result.returncode != 0
+    assert "put the script's code under `if __name__ == \"__main__\":`" in result.stderr

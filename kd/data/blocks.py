@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from typing import Sequence
 
@@ -94,8 +93,11 @@ def _locked(path: str):
 
 
 def _refuse_in_a_spawned_worker() -> None:
-    """A script without a main guard runs again in every spawned worker, which would prepare again."""
-    if getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+    """A script without a main guard runs again in every spawned worker, which would prepare again
+    (and wait forever for the lock its parent holds). `_inheriting` is set while a spawned process
+    runs its parent's main script: multiprocessing's own check for this mistake reads it too."""
+    import multiprocess
+    if getattr(multiprocess.current_process(), "_inheriting", False):
         raise KDError("a tokenising worker process is running the main script again: put the script's code "
                       "under `if __name__ == \"__main__\":` (data.num_proc > 1 spawns worker processes)")
 

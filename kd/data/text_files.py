@@ -9,7 +9,8 @@ A file is cut into chunks of about CHUNK_BYTES at line ends, right after a blank
 near, so tokenising processes read their chunks with plain reads: no process holds a whole file or
 maps it into memory. A document that spans a cut comes in pieces; a continuing piece starts with the
 joining space, so tokenising the pieces gives the tokens of the whole document for any tokenizer
-that splits at whitespace first (WordPiece, BPE, SentencePiece).
+that splits at whitespace first (WordPiece, BPE, SentencePiece). A single line is never cut: a
+file that is one line of a gigabyte is read whole by one process.
 """
 import json
 import os

@@ -234,3 +234,35 @@ def test_a_script_without_a_main_guard_fails_instead_of_hanging(tmp_path, tokeni
     result = run_script([PY, str(script)], env_extra={"PYTHONPATH": ROOT}, timeout=300)
     assert result.returncode != 0
     assert "put the script's code under `if __name__ == \"__main__\":`" in result.stderr
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A hub dataset as load_dataset gives it (Arrow files on disk), WikiText-style: one row per line,
+    empty rows between paragraphs; load_dataset answers with it instead of the network."""
+    import datasets
+    lines = [x for a in wiki_sample_articles()[:8] for p in a.split("\n") for x in (p, "")]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines[60:]}),
+                                   "validation": datasets.Dataset.from_dict({"text": lines[:60]})})
+    splits.save_to_disk(str(tmp_path / "hub"))
+    on_disk = datasets.load_from_disk(str(tmp_path / "hub"))
+    asked = []
+
+    def load_dataset(name, config, streaming=False):
+        asked.append((name, config, streaming))
+        if streaming:
+            return datasets.IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in on_disk.items()})
+        return on_disk
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return lines, asked
+
+
+def test_hub_rows_give_the_first_paths_blocks(tmp_path, tok, fake_hub):
+    from kd.data.legacy import tokenize_to_blocks
+    lines, asked = fake_hub
+    for num_proc in (1, 2):
+        cfg = data_cfg(tmp_path / f"np{num_proc}", **{"data.source": "hub", "data.num_proc": num_proc})
+        train, val = load_blocks(cfg, tok, 0)
+        assert np.array_equal(train, tokenize_to_blocks(lines[60:], tok, 64))
+        assert np.array_equal(val, tokenize_to_blocks(lines[:60], tok, 64))
+    assert asked[0] == ("wikitext", "wikitext-103-raw-v1", False)

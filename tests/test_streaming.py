@@ -124,3 +124,14 @@ def test_streaming_refuses_what_needs_fixed_blocks(tmp_path, stream_files, extra
     cfg = load_config(PretrainConfig, None, [f"{k}={v}" for k, v in items.items()])
     with pytest.raises(KDError, match=needle):
         validate_pretrain(cfg)
+
+
+def test_a_hub_dataset_streams_each_rank_its_own_share(tmp_path, monkeypatch):
+    import datasets
+    rows = [f"document number {i}" for i in range(40)]
+    stream = datasets.Dataset.from_dict({"text": rows, "id": list(range(40))}).to_iterable_dataset(num_shards=4)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, streaming=False: {"train": stream})
+    cfg = data_cfg(("unused.txt", "unused.txt"), **{"data.source": "hub"})
+    assert [r["text"] for r in document_stream_factory(cfg, 0, 1)()] == rows
+    shares = [[r["text"] for r in document_stream_factory(cfg, rank, 2)()] for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(rows) and len(shares[0]) == len(shares[1]) == 20

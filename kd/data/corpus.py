@@ -38,18 +38,17 @@ def hub_dataset_error(dataset: str, config: str, err: Exception) -> KDError:
 
 
 def load_hub_split(dataset: str, config: str, split: str, streaming: bool = False):
+    """One split of a hub dataset: Arrow files in the datasets cache, or a stream."""
     import datasets
     prepare_hub_access()
     try:
-        names = datasets.get_dataset_split_names(dataset, config)
-        if split not in names:
-            raise KDError(f"dataset '{dataset}/{config}' has no {split} split (it has {names}); "
-                          f"use data.source=text with data.train_files and data.validation_files")
-        return datasets.load_dataset(dataset, config, split=split, streaming=streaming)
-    except KDError:
-        raise
+        splits = datasets.load_dataset(dataset, config, streaming=streaming)
     except Exception as err:  # offline: ConnectionError / OSError / DatasetNotFoundError
         raise hub_dataset_error(dataset, config, err) from None
+    if split not in splits:
+        raise KDError(f"dataset '{dataset}/{config}' has no {split} split (it has {list(splits)}); "
+                      f"use data.source=text with data.train_files and data.validation_files")
+    return splits[split]
 
 
 def iter_wiki_sample_articles() -> Iterator[str]:

@@ -146,11 +146,8 @@ def _text_bytes(source) -> int:
     return int(source.rows.data.nbytes)
 
 
-def _build(data_cfg, tokenizer, seed: int, splits: Sequence[str], folder: str) -> None:
-    started = time.time()
-    work = folder + ".work"
-    os.makedirs(work, exist_ok=True)
-    sources, tokens = _tokenize(data_cfg, tokenizer, splits, work)
+def _count(data_cfg, seed: int, splits: Sequence[str], sources, tokens) -> dict:
+    """Documents (drawing the held-out ones) and tokens per split; empty corpora fail here."""
     for source, source_tokens in zip(sources, tokens):
         source_tokens.count_documents()
         for index, count in sorted(source_tokens.bad_lines.items()):
@@ -165,10 +162,11 @@ def _build(data_cfg, tokenizer, seed: int, splits: Sequence[str], folder: str) -
             totals[split] += count
     if "train" in splits and totals["train"] == 0:
         raise _empty_corpus(data_cfg)
-    for source in sources:
-        for corpus_file in source.files:
-            corpus_file.check_unchanged()
-    tmp = folder + ".tmp"
+    return totals
+
+
+def _write(data_cfg, tokenizer, splits: Sequence[str], tokens, totals: dict, tmp: str) -> dict:
+    """The blocks and info.json into `tmp`, synced; returns the info."""
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     body, dtype = data_cfg.seq_len - 2, token_dtype(len(tokenizer))
@@ -177,16 +175,28 @@ def _build(data_cfg, tokenizer, seed: int, splits: Sequence[str], folder: str) -
     write_blocks(tokens, blocks)
     info = {"corpus": corpus_fingerprint(data_cfg), "seq_len": data_cfg.seq_len,
             "blocks": {s: f.n_blocks for s, f in blocks.items()}, "tokens": {s: totals[s] for s in splits},
-            "documents": sum(t.documents for t in tokens), "num_proc": data_cfg.num_proc,
-            "seconds": round(time.time() - started, 1)}
+            "documents": sum(t.documents for t in tokens), "num_proc": data_cfg.num_proc}
     with open(os.path.join(tmp, "info.json"), "w") as fh:
         json.dump(info, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, folder)
+    return info
+
+
+def _build(data_cfg, tokenizer, seed: int, splits: Sequence[str], folder: str) -> None:
+    started = time.time()
+    work = folder + ".work"
+    os.makedirs(work, exist_ok=True)
+    sources, tokens = _tokenize(data_cfg, tokenizer, splits, work)
+    totals = _count(data_cfg, seed, splits, sources, tokens)
+    for source in sources:  # the files read are the files planned: no edit slipped in meanwhile
+        for corpus_file in source.files:
+            corpus_file.check_unchanged()
+    info = _write(data_cfg, tokenizer, splits, tokens, totals, folder + ".tmp")
+    os.replace(folder + ".tmp", folder)  # the cache appears complete, or not at all
     shutil.rmtree(work)
     log.info("token blocks in %s: %s blocks of %d from %s tokens, %d documents, in %.0f s (data.num_proc=%d)",
-             folder, info["blocks"], data_cfg.seq_len, info["tokens"], info["documents"], info["seconds"],
+             folder, info["blocks"], data_cfg.seq_len, info["tokens"], info["documents"], time.time() - started,
              data_cfg.num_proc)
 
 

@@ -88,6 +88,11 @@ class DataConfig:
     mask_smoothing: float = 0.7         # DistilBERT's mlm_smoothing
     on_bad_bytes: str = "skip"          # skip (counted) | error, for undecodable text files
     cache_dir: str = "cache"
+    num_proc: int = 1                   # tokenising processes when the block cache is built (1: this one)
+    # Read the training text as a stream (datasets streaming) and build blocks on the fly, each rank
+    # its own shard, instead of a block cache: for corpora that do not fit on disk as blocks.
+    # Held-out evaluation still uses fixed blocks: the hub's validation split or data.validation_files.
+    streaming: bool = False
 
 
 @dataclass
@@ -195,15 +200,16 @@ def load_config(schema_cls: type, config_path: Optional[str], overrides: List[st
     return merged
 
 
-def parse_cli(schema_cls: type, argv: List[str]) -> Any:
-    """`--config preset.yaml key=value ...` -> validated config."""
+def parse_cli(schema_cls: type, argv: List[str], flags: str = "") -> Any:
+    """`--config preset.yaml key=value ...` -> validated config. `flags`: the script's own options,
+    for the usage line."""
     config_path = None
     overrides = []
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(f"usage: --config PRESET.yaml [key=value ...]\n\nkeys and defaults:\n"
+            print(f"usage: --config PRESET.yaml {flags}[key=value ...]\n\nkeys and defaults:\n"
                   f"{OmegaConf.to_yaml(OmegaConf.structured(schema_cls))}")
             raise SystemExit(0)
         if arg == "--config":
@@ -228,6 +234,8 @@ def validate_data_and_temperature(cfg: PretrainConfig) -> None:
     check_choice(cfg.data.source, ["hub", "text", "wiki_sample"], "data.source")
     if cfg.data.source == "text" and not cfg.data.train_files:
         raise KDError("data.source=text needs data.train_files=[path.txt, ...]")
+    if cfg.data.num_proc < 1:
+        raise KDError(f"data.num_proc={cfg.data.num_proc} must be >= 1 (1 tokenises in the calling process)")
     if not 0 < cfg.data.mlm_probability < 1:
         raise KDError(f"data.mlm_probability={cfg.data.mlm_probability} must be in (0, 1)")
     if cfg.data.seq_len < 8:
@@ -247,6 +255,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise KDError("data.mask_weighting=rare draws masks from corpus token counts, which a teacher cache's "
                       "masks do not use; set data.mask_weighting=uniform, or unset teacher_cache.path")
     validate_train(cfg.train)
+    validate_streaming(cfg)
     init = cfg.student.init
     if not (init in ("teacher_layers", "pruned", "random") or init.startswith("pretrained:")):
         raise KDError(f"student.init={init!r}: use teacher_layers, pruned, random or pretrained:<path>")
@@ -277,6 +286,25 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     if cfg.loss.kd_loss_scale is not None and cfg.loss.alpha_mlm == 0:
         raise KDError("loss.kd_loss_scale balances KD terms against the MLM loss, so it needs "
                       "loss.alpha_mlm > 0 (or unset loss.kd_loss_scale)")
+
+
+def validate_streaming(cfg: PretrainConfig) -> None:
+    """data.streaming=true: what a stream of blocks cannot serve is refused here, naming the fix."""
+    if not cfg.data.streaming:
+        return
+    if cfg.data.source == "wiki_sample" or (cfg.data.source == "text" and not cfg.data.validation_files):
+        raise KDError("data.streaming=true reads the training text as a stream, so held-out evaluation needs a "
+                      "fixed validation source: set data.validation_files, or use data.source=hub (its "
+                      "validation split); or set data.streaming=false")
+    needs_blocks = {"data.mask_weighting=rare": cfg.data.mask_weighting == "rare",
+                    "teacher_cache.path": bool(cfg.teacher_cache.path),
+                    "student.init=pruned": cfg.student.init == "pruned",
+                    "train.epochs": bool(cfg.train.epochs), "train.num_workers > 0": cfg.train.num_workers > 0}
+    for setting, used in needs_blocks.items():
+        if used:
+            raise KDError(f"{setting} needs the training blocks as a fixed array (token counts, block indices, "
+                          f"epochs or loader workers), which data.streaming=true does not have: change {setting} or set "
+                          f"data.streaming=false")
 
 
 ATTENTION_ALPHAS = ("alpha_attn_kl", "alpha_relation_kl", "alpha_attn_mse")
@@ -312,6 +340,9 @@ def validate_cache_generation(cfg: PretrainConfig) -> None:
     """Checks for cache_teacher.py, before anything heavy is loaded."""
     check_choice(cfg.train.device, ["auto", "cpu", "cuda"], "train.device")
     validate_data_and_temperature(cfg)
+    if cfg.data.streaming:
+        raise KDError("a teacher cache indexes the blocks of a block cache; data.streaming=true has none: "
+                      "set data.streaming=false to generate one")
     tc = cfg.teacher_cache
     if not tc.path:
         raise KDError(f"teacher_cache.path is not set: name the folder to write, e.g. "

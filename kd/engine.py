@@ -125,14 +125,18 @@ class Trainer:
         self.eval_fn, self.export_fn, self.checkpointer = eval_fn, export_fn, checkpointer
         self.model = model.to(info.device)
         self.optimizer = build_optimizer(self.model, cfg, info.device)
-        micro_per_epoch = len(loader.sampler) // cfg.batch_size
-        self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-        if micro_per_epoch < cfg.grad_accum:
-            raise KDError(f"the training set gives {micro_per_epoch} batch(es) per rank per epoch, fewer "
-                          f"than train.grad_accum={cfg.grad_accum}; use more data or a smaller batch")
+        # A loader with a state_dict is a stream (data.streaming): endless, no epochs, and each rank's
+        # position in it is saved in checkpoints instead of a count of samples.
+        self.stream = hasattr(loader, "state_dict")
         self.total_steps = cfg.max_steps
-        if cfg.epochs:
-            self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
+        if not self.stream:
+            micro_per_epoch = len(loader.sampler) // cfg.batch_size
+            self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+            if micro_per_epoch < cfg.grad_accum:
+                raise KDError(f"the training set gives {micro_per_epoch} batch(es) per rank per epoch, fewer "
+                              f"than train.grad_accum={cfg.grad_accum}; use more data or a smaller batch")
+            if cfg.epochs:
+                self.total_steps = min(cfg.max_steps, cfg.epochs * self.steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         use_fp16 = info.device.type == "cuda" and cfg.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
@@ -159,20 +163,31 @@ class Trainer:
             return
         saved = self.checkpointer.load(folder, self.model, self.optimizer, self.scheduler, self.scaler,
                                        named=self.cfg.resume != "auto")
+        if self.stream:
+            positions = saved.get("data_position") or []
+            if len(positions) != self.info.world_size:
+                raise KDError(f"checkpoint {folder} holds the stream positions of {len(positions)} process(es), "
+                              f"this run has {self.info.world_size}: resume with the same number of processes")
+            self.loader.load_state_dict(positions[self.info.rank])
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"],
                                samples_in_epoch=saved["samples_in_epoch"], tokens_seen=saved["tokens_seen"],
                                skipped_steps=saved.get("skipped_steps", 0))
         log.info("resumed from %s (step %d, epoch %d)", folder, self.state.step, self.state.epoch)
 
     def save(self) -> None:
-        folder = self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.scaler,
-                                        self.state.to_dict())
+        state = self.state.to_dict()
+        if self.stream:  # every rank reads its own shard: keep every rank's position
+            state["data_position"] = dist.all_gather_object(self.loader.state_dict())
+        folder = self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.scaler, state)
         if folder:
             log.info("saved checkpoint %s", folder)
 
     # ---- the loop -----------------------------------------------------------------------
     def _micro_batches(self):
         """Yields (epoch_finished, batch); sets sampler/collate epoch and skips seen samples."""
+        if self.stream:  # endless: it starts its next pass itself
+            for batch in self.loader:
+                yield False, batch
         sampler = self.loader.sampler
         while True:
             sampler.set_epoch(self.state.epoch)

@@ -1,4 +1,5 @@
 """Distillation pretraining: config -> data -> models -> engine -> checkpoint, export and logs."""
+import json
 import logging
 import os
 import time
@@ -10,8 +11,9 @@ import torch
 from kd import dist
 from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
 from kd.config import attention_alphas_on, to_dict, to_yaml, validate_pretrain
-from kd.data.blocks import load_blocks
+from kd.data.blocks import SPLITS, load_blocks, prepare_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
+from kd.data.streaming import StreamedBlocks, document_stream_factory
 from kd.data.masking import masking_spec_for, rare_token_weights
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
@@ -50,6 +52,21 @@ def calibration_batches(cfg, train_blocks):
     return list(blocks.split(cfg.train.batch_size))
 
 
+def prepare_data(cfg) -> dict:
+    """ddp_main.py --prepare-only: build this config's token block cache (with data.streaming, the
+    validation blocks only), nothing else: no teacher, no process group. Returns its info.json."""
+    validate_pretrain(cfg)
+    setup_console_logging()
+    tokenizer = load_tokenizer(tokenizer_ref(cfg))
+    splits = ("validation",) if cfg.data.streaming else SPLITS
+    folder = prepare_blocks(cfg.data, tokenizer, cfg.data.split_seed, splits)
+    with open(os.path.join(folder, "info.json")) as fh:
+        info = json.load(fh)
+    log.info("prepared %s: %s blocks of %d tokens%s", folder, info["blocks"], cfg.data.seq_len,
+             "; the training text is read as a stream" if cfg.data.streaming else "")
+    return info
+
+
 def run_pretraining(cfg) -> dict:
     validate_pretrain(cfg)
     return dist.run_in_process_group(cfg.train.device, lambda info: _run(cfg, info))
@@ -78,9 +95,14 @@ def _run(cfg, info: dist.DistInfo) -> dict:
     if plan_needs_teacher or cfg.student.init == "pruned" or (copies_layers and not cfg.student.init_layers_from):
         teacher = load_teacher(cfg.teacher, info.device)
     check_compatible(cfg, tokenizer, teacher)
-    train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
-    log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
-             cfg.data.seq_len)
+    if cfg.data.streaming:  # training blocks come on the fly; held-out blocks stay fixed
+        train_blocks, (val_blocks,) = None, load_blocks(cfg.data, tokenizer, cfg.data.split_seed, ("validation",))
+        log.info("data: training blocks streamed, %d validation blocks of %d tokens", len(val_blocks),
+                 cfg.data.seq_len)
+    else:
+        train_blocks, val_blocks = load_blocks(cfg.data, tokenizer, cfg.data.split_seed)
+        log.info("data: %d train / %d validation blocks of %d tokens", len(train_blocks), len(val_blocks),
+                 cfg.data.seq_len)
     if cfg.student.init == "pruned":
         student, ranking = build_pruned_student(cfg.student, teacher, calibration_batches(cfg, train_blocks))
         if info.is_main:
@@ -121,9 +143,13 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         cache.verify(cfg.teacher_cache.verify, info.rank, info.world_size)
         collate = CachedTeacherCollate(train_spec, cache, "train")
         eval_collate = CachedTeacherCollate(eval_spec, cache, "validation")
-    loader = make_loader(IndexedBlocks(train_blocks), cfg.train.batch_size, collate, info.rank,
-                         info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers,
-                         pin_memory=info.device.type == "cuda")
+    if cfg.data.streaming:
+        loader = StreamedBlocks(document_stream_factory(cfg.data, info.rank, info.world_size), tokenizer,
+                                cfg.data.seq_len, cfg.train.batch_size, collate, info.rank, info.world_size)
+    else:
+        loader = make_loader(IndexedBlocks(train_blocks), cfg.train.batch_size, collate, info.rank,
+                             info.world_size, cfg.train.seed, num_workers=cfg.train.num_workers,
+                             pin_memory=info.device.type == "cuda")
     val_set = IndexedBlocks(val_blocks)
     if len(val_set) < cfg.train.batch_size * info.world_size:
         raise KDError(f"the validation split has {len(val_set)} blocks, fewer than one global batch "
@@ -149,7 +175,9 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         fingerprint["attention_terms"] = [t.name for t in plan.attention_terms]
     if cache is not None:  # a run resumes only onto the same cached teacher rows
         fingerprint["teacher_cache"] = cache.content_id
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint, run_identity(to_dict(cfg)))
+    if cfg.data.streaming:  # its checkpoints hold stream positions, not sample counts
+        fingerprint["data_streaming"] = True
+        checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint, run_identity(to_dict(cfg)))
     trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:

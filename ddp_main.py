@@ -6,7 +6,8 @@
 """
 import sys
 
-from kd.config import PretrainConfig, parse_cli, validate_pretrain
+from kd.config import PretrainConfig, parse_cli
+from kd.config_checks import validate_pretrain
 from kd.errors import friendly_errors
 
 PREPARE_ONLY = "--prepare-only"

@@ -13,7 +13,6 @@ unpickled. state.json also holds what the run resuming from it must match (Check
 A write that fails (a full disk) or a checkpoint that does not read back intact leaves the previous
 one as it was; when none verifies, resuming stops with an error rather than starting over.
 """
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from kd import dist, fault_points
 from kd.errors import KDError
-from kd.integrity import reason, space_note
+from kd.integrity import fsync_dir, reason, sha256_file, space_note, write_text_atomic
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -36,36 +35,6 @@ REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.js
 # torch.save and safetensors report a failed write (disk full, file size limit) as RuntimeError and
 # SafetensorError rather than OSError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:  # a full disk: leave no temp file behind, and the old file as it was
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def checkpoint_bytes(*states) -> int:
@@ -132,7 +101,7 @@ def verify(folder: str) -> None:
             raise KDError(f"{path}: missing")
         if os.path.getsize(path) != size:
             raise KDError(f"{path}: truncated ({os.path.getsize(path)} of {size} bytes)")
-        if _sha256(path) != sha256:
+        if sha256_file(path) != sha256:
             raise KDError(f"{path}: checksum mismatch (corrupt)")
 
 
@@ -238,15 +207,15 @@ class Checkpointer:
             path = os.path.join(tmp, fname)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[fname] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+            files[fname] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
         manifest = os.path.join(tmp, "manifest.json")
         _write(manifest, lambda path: write_text_atomic(path, json.dumps({"files": files}, indent=1)))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         fault_points.reached("checkpoint.manifest_written")
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
         fault_points.reached("checkpoint.renamed")
         try:
             verify(final)  # only a checkpoint that reads back intact becomes `latest`

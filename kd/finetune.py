@@ -18,7 +18,8 @@ from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClas
 
 from kd import dist
 from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
-from kd.config import TrainConfig, check_choice, to_dict, to_yaml, validate_train
+from kd.config import TrainConfig, to_dict, to_yaml
+from kd.config_checks import check_choice, validate_train
 from kd.data.loader import make_loader
 from kd.engine import Trainer, autocast_for
 from kd.errors import KDError
@@ -169,8 +170,8 @@ class SquadTask:
     task_name = "squad"
 
     def __init__(self, cfg, tokenizer, info):
-        from kd.data.squad import (TensorDictDataset, load_squad, prepare_eval_features,
-                                   prepare_train_features)
+        from kd.data.squad import TensorDictDataset, prepare_eval_features, prepare_train_features
+        from kd.data.squad_examples import load_squad
         d = cfg.data
         self.cfg = d
         self.data = load_squad(d.source, d.train, d.validation, on_bad_row=d.on_bad_row)
@@ -214,7 +215,8 @@ class SquadTask:
 
     @torch.no_grad()
     def evaluate(self, model, split, info, autocast, batch_size, max_batches=None) -> Dict[str, float]:
-        from kd.data.squad import postprocess_predictions, squad_references
+        from kd.data.squad import postprocess_predictions
+        from kd.data.squad_examples import squad_references
         from kd.metrics import squad_metrics
         features = self.eval_features
         rows = list(range(info.rank, len(features), info.world_size))

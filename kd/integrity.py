@@ -1,6 +1,6 @@
-"""Small pieces that keep files honest: JSON that carries its own checksum, what a write that
-failed for lack of space (or any other I/O error) reports, and the identity of a run that its
-checkpoints must match.
+"""Small pieces that keep files honest: file checksums and atomic writes, JSON that carries its own
+checksum, what a write that failed for lack of space (or any other I/O error) reports, and the
+identity of a run that its checkpoints must match.
 
 A sealed JSON object holds "seal": the sha256 of the rest of the object in canonical form, so a
 flipped byte anywhere in it (a value, not only its syntax) is caught when it is read. Objects
@@ -22,6 +22,36 @@ RESUMABLE_KEYS = ("log_dir", "checkpoint_dir", "data.cache_dir", "teacher_cache"
                   "train.epochs", "train.eval_every", "train.eval_every_epoch", "train.eval_batches",
                   "train.save_every", "train.keep_last", "train.log_every", "train.resume", "train.num_workers",
                   "train.device", "train.compile", "train.max_nonfinite_skips", "train.export_steps")
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk: leave no temp file behind, and the old file as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _digest(payload: dict) -> str:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kd import dist
-from kd.config import attention_alphas_on
+from kd.config_checks import attention_alphas_on
 from kd.errors import KDError
 from kd.losses import (HIDDEN_LOSSES, attention_kl, attention_score_mse, combine_terms, kl_div_logits,
                        mlm_cross_entropy, relation_kl, topk_kl)

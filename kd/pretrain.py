@@ -10,7 +10,8 @@ import torch
 
 from kd import dist
 from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
-from kd.config import attention_alphas_on, to_dict, to_yaml, validate_pretrain
+from kd.config import to_dict, to_yaml
+from kd.config_checks import attention_alphas_on, validate_pretrain
 from kd.data.blocks import SPLITS, load_blocks, prepare_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.streaming import StreamedBlocks, document_stream_factory

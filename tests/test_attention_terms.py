@@ -72,7 +72,7 @@ def test_bad_attention_settings_name_the_key_and_range(extra, message, tiny_teac
 
 
 def test_attention_terms_with_a_teacher_cache_are_refused():
-    from kd.config import validate_pretrain
+    from kd.config_checks import validate_pretrain
     cfg = load_config(PretrainConfig, None, ["run_name=x", "teacher.name=t", "teacher_cache.path=c",
                                              "loss.alpha_hidden=0", "loss.alpha_relation_kl=1"])
     with pytest.raises(KDError, match="loss.alpha_relation_kl=1.0 but teacher_cache.path is set: attention terms"):

@@ -2,7 +2,8 @@ import contextlib
 
 import pytest
 
-from kd.config import PretrainConfig, parse_cli, validate_pretrain
+from kd.config import PretrainConfig, parse_cli
+from kd.config_checks import validate_pretrain
 from kd.errors import KDError
 
 

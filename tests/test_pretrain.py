@@ -128,7 +128,7 @@ def test_init_layers_from_copies_another_models_layers_while_the_teacher_teaches
 
 
 def test_init_layers_from_needs_a_teacher_layers_init():
-    from kd.config import validate_pretrain
+    from kd.config_checks import validate_pretrain
     from kd.errors import KDError
     cfg = load_config(PretrainConfig, None, ["run_name=x", "teacher.name=t", "student.init=random", "student.init_layers_from=x"])
     with pytest.raises(KDError, match="student.init_layers_from is for student.init=teacher_layers"):

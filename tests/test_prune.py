@@ -138,7 +138,7 @@ def test_bad_pruned_shapes_name_the_key_and_the_range(kw, message):
 
 
 def test_pruning_without_a_teacher_is_refused():
-    from kd.config import validate_pretrain
+    from kd.config_checks import validate_pretrain
     cfg = load_config(PretrainConfig, None, ["run_name=x", "teacher.name=null", "student.init=pruned",
                                              "loss.alpha_kd=0", "loss.alpha_hidden=0"])
     with pytest.raises(KDError, match="student.init=pruned slices the teacher, but teacher.name is not set"):

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from kd import assets
-from kd.data.squad import (SquadAnswer, SquadExample, load_squad, postprocess_predictions,
-                           prepare_eval_features, prepare_train_features, read_squad_json,
-                           squad_references)
+from kd.data.squad import postprocess_predictions, prepare_eval_features, prepare_train_features
+from kd.data.squad_examples import SquadAnswer, SquadExample, load_squad, read_squad_json, squad_references
 from kd.errors import KDError
 from kd.hub import hub_reachable
 from kd.metrics import squad_metrics

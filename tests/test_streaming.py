@@ -118,7 +118,7 @@ def test_two_ranks_stream_and_resume_under_torchrun(tmp_path, tiny_teacher_dir, 
     ({"train.num_workers": 2}, "train.num_workers > 0 needs"),
 ])
 def test_streaming_refuses_what_needs_fixed_blocks(tmp_path, stream_files, extra, needle):
-    from kd.config import validate_pretrain
+    from kd.config_checks import validate_pretrain
     items = {"run_name": "x", "teacher.name": "t", "data.source": "text", "data.train_files": f"[{stream_files[0]}]",
              "data.validation_files": f"[{stream_files[1]}]", "data.streaming": "true", **extra}
     cfg = load_config(PretrainConfig, None, [f"{k}={v}" for k, v in items.items()])

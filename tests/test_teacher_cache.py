@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.config import PretrainConfig, load_config, validate_pretrain
+from kd.config import PretrainConfig, load_config
+from kd.config_checks import validate_pretrain
 from kd.data.blocks import load_blocks
 from kd.data.masking import mask_batch, masking_spec_for
 from kd.errors import KDError

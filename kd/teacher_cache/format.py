@@ -8,13 +8,11 @@ from typing import Dict, List
 
 import numpy as np
 
-from kd.checkpoint import _sha256 as sha256_file
-from kd.checkpoint import write_text_atomic
 from kd.data.blocks import tokenizer_fingerprint
 from kd.data.corpus import corpus_fingerprint
 from kd.data.masking import MaskingSpec, masking_spec_for, num_predictions
 from kd.errors import KDError
-from kd.integrity import reason, sealed, space_note, unseal
+from kd.integrity import reason, sealed, sha256_file, space_note, unseal, write_text_atomic
 
 log = logging.getLogger(__name__)
 

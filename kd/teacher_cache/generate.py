@@ -15,11 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kd import dist, fault_points
-from kd.checkpoint import _sha256 as sha256_file
-from kd.checkpoint import write_text_atomic
 from kd.data.masking import mask_batch, masking_spec_for
 from kd.errors import KDError
-from kd.integrity import reason, space_note
+from kd.integrity import reason, sha256_file, space_note, write_text_atomic
 from kd.models import gather_positions
 from kd.run_inputs import TOKENIZER_DIR, check_compatible, tokenizer_ref
 from kd.teacher_cache.format import (MANIFEST, RUN_ONLY_KEYS, SHARDS, SPLITS, cache_identity, differences,
@@ -191,7 +189,7 @@ def generate(cfg, info: dist.DistInfo, teacher, tokenizer, splits: Dict[str, np.
 
 def run_cache_generation(cfg, on_shard_written: Optional[Callable[[str], None]] = None) -> dict:
     """cache_teacher.py: config -> tokenizer, teacher, blocks -> shards and manifest."""
-    from kd.config import validate_cache_generation
+    from kd.config_checks import validate_cache_generation
     validate_cache_generation(cfg)
     info = dist.setup(cfg.train.device)
     try:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from kd import dist
-from kd.checkpoint import _sha256 as sha256_file
 from kd.data.masking import MaskingSpec, mask_batch
 from kd.errors import KDError
+from kd.integrity import sha256_file
 from kd.teacher_cache.format import (MANIFEST, SHARDS, blocks_identity, differences, flatten, read_manifest,
                                      read_stamp, row_dtype, run_identity, shard_name, short, stamp_entry,
                                      teacher_weights_sha256, write_stamp)

@@ -287,28 +287,16 @@ class Trainer:
             self.stop_request.restore()
 
     def _fit(self) -> Dict[str, float]:
-        cfg, state = self.cfg, self.state
+        """Step, log, evaluate, export, save, stop: each a helper below, in that order."""
+        state = self.state
         self.wrapped.train()
-        sums: Dict[str, torch.Tensor] = {}
-        count, tokens_since_log = 0, 0
-        watch = Stopwatch()
-        stream = self._micro_batches()
-        last_saved = state.step
+        batches = self._micro_batches()
+        window = _LogWindow()
+        self.last_saved = state.step
         while state.step < self.total_steps:
-            micro, epoch_done = [], False
-            while len(micro) < cfg.grad_accum:
-                finished, batch = next(stream)
-                if finished:
-                    epoch_done = True
-                    break
-                micro.append(batch)
-            if epoch_done:  # a partial accumulation at the epoch's end is dropped, as drop_last does
-                state.epoch += 1
-                state.samples_in_epoch = 0
-                if cfg.eval_every_epoch:
-                    self.evaluate()
-                    self.wrapped.train()
-                if cfg.epochs and state.epoch >= cfg.epochs:
+            micro = self._next_accumulation(batches)
+            if micro is None:  # the epoch ended
+                if self._end_epoch():
                     break
                 continue
             terms = self._train_step(micro)
@@ -316,39 +304,95 @@ class Trainer:
             if terms is None:
                 self._skip_nonfinite()
                 continue
-            self.consecutive_skips = 0
-            tokens = sum(b["input_ids"].numel() for b in micro) * self.info.world_size
-            state.step += 1
-            state.tokens_seen += tokens
-            tokens_since_log += tokens
-            for name, value in terms.items():
-                sums[name] = sums[name] + value if name in sums else value
-            count += 1
-            self.logger.advance(state.step)
-            if state.step % cfg.log_every == 0 or state.step == self.total_steps:
-                self._log_train(sums, count, watch.lap(), tokens_since_log)
-                sums, count, tokens_since_log = {}, 0, 0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < self.total_steps:
-                self.evaluate()
-                self.wrapped.train()
-            if state.step in cfg.export_steps and state.step < self.total_steps:
-                self._export(f"step_{state.step:06d}")
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
-                self.save()
-                last_saved = state.step
-            signum = self.stop_request.agreed()
-            if signum:
-                if state.step != last_saved:
-                    self.save()
-                self.logger.write({"step": state.step, "stopped_by_signal": signum},
-                                  console=f"stopped by {signal.Signals(signum).name} after step {state.step}; "
-                                          f"checkpoint saved. Continue with train.resume=auto.")
-                self.logger.close()
-                raise GracefulStop(128 + signum)
+            self._count_step(micro, terms, window)
+            self._log_eval_export_save(window)
+            self._stop_if_asked()
+        return self._finish()
+
+    def _next_accumulation(self, batches) -> Optional[list]:
+        """The next train.grad_accum micro-batches, or None when the epoch ends first (a partial
+        accumulation at the epoch's end is dropped, as drop_last does)."""
+        micro = []
+        while len(micro) < self.cfg.grad_accum:
+            finished, batch = next(batches)
+            if finished:
+                return None
+            micro.append(batch)
+        return micro
+
+    def _end_epoch(self) -> bool:
+        """Count the epoch (evaluating if asked per epoch); True when train.epochs are done."""
+        self.state.epoch += 1
+        self.state.samples_in_epoch = 0
+        if self.cfg.eval_every_epoch:
+            self.evaluate()
+            self.wrapped.train()
+        return bool(self.cfg.epochs and self.state.epoch >= self.cfg.epochs)
+
+    def _count_step(self, micro: list, terms: Dict[str, torch.Tensor], window: "_LogWindow") -> None:
+        self.consecutive_skips = 0
+        tokens = sum(b["input_ids"].numel() for b in micro) * self.info.world_size
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        window.add(terms, tokens)
+        self.logger.advance(self.state.step)
+
+    def _log_eval_export_save(self, window: "_LogWindow") -> None:
+        """Whatever is due after this step; the last step's eval, save and export are _finish's."""
+        cfg, step = self.cfg, self.state.step
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            self._log_train(*window.flush())
+        if step == self.total_steps:
+            return
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self.evaluate()
+            self.wrapped.train()
+        if step in cfg.export_steps:
+            self._export(f"step_{step:06d}")
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.save()
+            self.last_saved = step
+
+    def _stop_if_asked(self) -> None:
+        """SIGTERM/SIGINT, agreed by every rank: save (if this step is not saved yet) and stop."""
+        signum = self.stop_request.agreed()
+        if not signum:
+            return
+        step = self.state.step
+        if step != self.last_saved:
+            self.save()
+        self.logger.write({"step": step, "stopped_by_signal": signum},
+                          console=f"stopped by {signal.Signals(signum).name} after step {step}; "
+                                  f"checkpoint saved. Continue with train.resume=auto.")
+        self.logger.close()
+        raise GracefulStop(128 + signum)
+
+    def _finish(self) -> Dict[str, float]:
         metrics = self.evaluate()
-        if state.step != last_saved or cfg.save_every == 0:
+        if self.state.step != self.last_saved or self.cfg.save_every == 0:
             self.save()
         self._export(None)
         dist.barrier()
         self.logger.close()
         return metrics
+
+
+class _LogWindow:
+    """Loss terms and tokens summed over the steps since the last train log, and the time they took."""
+
+    def __init__(self):
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count = self.tokens = 0
+        self.watch = Stopwatch()
+
+    def add(self, terms: Dict[str, torch.Tensor], tokens: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+        self.tokens += tokens
+
+    def flush(self) -> tuple:
+        """(sums, steps, seconds, tokens) for _log_train, and a fresh window."""
+        out = (self.sums, self.count, self.watch.lap(), self.tokens)
+        self.sums, self.count, self.tokens = {}, 0, 0
+        return out

@@ -178,7 +178,7 @@ def _run(cfg, info: dist.DistInfo) -> dict:
         fingerprint["teacher_cache"] = cache.content_id
     if cfg.data.streaming:  # its checkpoints hold stream positions, not sample counts
         fingerprint["data_streaming"] = True
-        checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint, run_identity(to_dict(cfg)))
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, fingerprint, run_identity(to_dict(cfg)))
     trainer = Trainer(cfg.train, info, module, lambda model, batch: distill_loss(model, teacher, batch, plan),
                       loader, checkpointer, log_dir, eval_fn=eval_fn, export_fn=export_fn)
     if info.is_main:

@@ -42,7 +42,7 @@ from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 from bench.naive_distiller import NaiveDistiller, NaiveWeights, eager_copy  # noqa: E402
 from kd.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
 from kd.data.masking import MaskingSpec, mask_batch, num_predictions  # noqa: E402
-from kd.engine import autocast_for, build_optimizer  # noqa: E402
+from kd.optim import autocast_for, build_optimizer  # noqa: E402
 from kd.flops import forward_flops as kd_forward_flops  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map  # noqa: E402
 from kd.objective import attention_terms_for, distill_loss, make_plan  # noqa: E402

@@ -42,7 +42,7 @@ from kd import dist  # noqa: E402
 from kd.config import LossConfig, PretrainConfig, StudentConfig, TrainConfig, load_config  # noqa: E402
 from kd.data.loader import MLMCollate  # noqa: E402
 from kd.data.masking import masking_spec_for, num_predictions  # noqa: E402
-from kd.engine import autocast_for, build_optimizer  # noqa: E402
+from kd.optim import autocast_for, build_optimizer  # noqa: E402
 from kd.models import DistillationStudent, build_student, default_hidden_map, load_tokenizer  # noqa: E402
 from kd.objective import distill_loss, make_plan  # noqa: E402
 from kd.teacher_cache.format import bytes_per_position  # noqa: E402

@@ -6,7 +6,6 @@ AMP, accumulation, clipping, the LR schedule, logging, checkpoints and exact res
 """
 import contextlib
 import logging
-import math
 import signal
 import threading
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from kd import dist
 from kd.checkpoint import Checkpointer
 from kd.errors import KDError
 from kd.logger import RunLogger, Stopwatch
+from kd.optim import autocast_for, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict], tuple]
@@ -67,49 +67,6 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
-
-
-def autocast_for(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA only; on CPU fp32 is ~5x faster than bf16 matmuls here."""
-    if device.type == "cuda" and amp in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return lambda: torch.autocast("cuda", dtype=dtype)
-    if amp in ("bf16", "fp16") and not _warned_cpu_amp:
-        _warned_cpu_amp.append(amp)  # once per process: both entry scripts and the benches call this
-        log.info("train.amp=%s applies on CUDA only: this %s run computes in fp32 (faster on CPU); "
-                 "set train.amp=none to silence this", amp, device.type)
-    return contextlib.nullcontext
-
-
-_warned_cpu_amp: list = []
-
-
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (the BERT recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
-                             fused=device.type == "cuda")
-
-
-def build_scheduler(optimizer, cfg, total_steps: int):
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

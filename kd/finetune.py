@@ -21,7 +21,8 @@ from kd.checkpoint import Checkpointer, export_dir_for, export_pretrained
 from kd.config import TrainConfig, to_dict, to_yaml
 from kd.config_checks import check_choice, validate_train
 from kd.data.loader import make_loader
-from kd.engine import Trainer, autocast_for
+from kd.engine import Trainer
+from kd.optim import autocast_for
 from kd.errors import KDError
 from kd.integrity import run_identity
 from kd.logger import setup_console_logging, write_json, write_run_files

@@ -16,7 +16,8 @@ from kd.data.blocks import SPLITS, load_blocks, prepare_blocks
 from kd.data.loader import IndexedBlocks, MLMCollate, eval_batches, make_loader
 from kd.data.streaming import StreamedBlocks, document_stream_factory
 from kd.data.masking import masking_spec_for, rare_token_weights
-from kd.engine import Trainer, autocast_for
+from kd.engine import Trainer
+from kd.optim import autocast_for
 from kd.errors import KDError
 from kd.integrity import run_identity
 from kd.logger import setup_console_logging, write_run_files

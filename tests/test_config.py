@@ -64,12 +64,12 @@ def test_amp_on_cpu_says_once_that_it_runs_fp32(caplog, monkeypatch):
 
     import torch
 
-    from kd import engine
-    monkeypatch.setattr(engine, "_warned_cpu_amp", [])
-    with caplog.at_level(logging.INFO, logger="kd.engine"):
+    from kd import optim
+    monkeypatch.setattr(optim, "_warned_cpu_amp", [])
+    with caplog.at_level(logging.INFO, logger="kd.optim"):
         for _ in range(3):
-            assert engine.autocast_for(torch.device("cpu"), "bf16") is contextlib.nullcontext
-        engine.autocast_for(torch.device("cpu"), "none")
+            assert optim.autocast_for(torch.device("cpu"), "bf16") is contextlib.nullcontext
+        optim.autocast_for(torch.device("cpu"), "none")
     said = [r.getMessage() for r in caplog.records if "applies on CUDA only" in r.getMessage()]
     assert said == ["train.amp=bf16 applies on CUDA only: this cpu run computes in fp32 (faster on CPU); "
                     "set train.amp=none to silence this"]

@@ -92,7 +92,7 @@ def _batch(recipe: Recipe, vocab: int, k: int) -> dict:
 def _train_step(recipe: Recipe, teacher) -> Callable[[], None]:
     from transformers import BertForMaskedLM
 
-    from kd.engine import build_optimizer
+    from kd.optim import build_optimizer
     from kd.models import DistillationStudent
     from kd.objective import distill_loss, make_plan
     from kd.pretrain import hidden_pairs_for

@@ -246,12 +246,16 @@ def test_tiny_study_end_to_end(tmp_path, tiny_teacher_dir, corpus_file, shared_c
     assert again.returncode == 0 and again.stdout.count("skipped") == 10
 
 
-def test_readme_results_match_the_committed_summary():
-    """The README's Results tables are render_markdown(docs/experiment/summary.json), verbatim."""
+@pytest.mark.parametrize("study", ["experiment", "narrow"])
+def test_readme_results_match_the_committed_summary(study):
+    """Each study's README tables are render_markdown(docs/<study>/summary.json), verbatim, between
+    that study's markers."""
+    from kd.study.publish import readme_markers
     from kd.study.render import render_markdown
-    summary = json.loads((Path(ROOT) / "docs" / "experiment" / "summary.json").read_text())
+    summary = json.loads((Path(ROOT) / "docs" / study / "summary.json").read_text())
     readme = (Path(ROOT) / "README.md").read_text()
-    assert render_markdown(summary) in readme
+    begin, end = readme_markers(study)
+    assert readme.split(begin)[1].split(end)[0] == "\n" + render_markdown(summary)
 
 
 def test_an_interrupted_stage_keeps_its_minutes_and_is_not_marked_done(tmp_path, monkeypatch):
@@ -274,3 +278,24 @@ def test_an_interrupted_stage_keeps_its_minutes_and_is_not_marked_done(tmp_path,
     runner.run_stages(cfg, study_plan.plan(cfg), runner=fake_runner(calls), say=lambda *_: None)
     record = json.loads((tmp_path / "logs/experiment/stages.json").read_text())
     assert record["kd-s0"]["minutes"] >= before and "argv" in record["kd-s0"]  # the resumed run adds to it
+
+
+def test_publish_writes_between_its_own_studys_markers_only(tmp_path):
+    from types import SimpleNamespace
+
+    from kd.study.publish import publish
+    from kd.study.render import render_markdown
+    summary = json.loads((Path(ROOT) / "docs" / "narrow" / "summary.json").read_text())
+    cfg = SimpleNamespace(name="narrow", log_dir=str(tmp_path / "logs"), plots_dir=str(tmp_path / "plots"))
+    (tmp_path / "logs" / "narrow").mkdir(parents=True)
+    (tmp_path / "logs" / "narrow" / "summary.json").write_text(json.dumps(summary))
+    readme = tmp_path / "README.md"
+    other = "<!-- experiment-results:begin -->\nheadline\n<!-- experiment-results:end -->\n"
+    readme.write_text(other + "text\n")
+    with pytest.raises(KDError, match="narrow-results:begin"):
+        publish(cfg, readme, tmp_path / "docs")
+    readme.write_text(other + "<!-- narrow-results:begin -->\nold\n<!-- narrow-results:end -->\ntail\n")
+    publish(cfg, readme, tmp_path / "docs")
+    assert readme.read_text() == (other + "<!-- narrow-results:begin -->\n" + render_markdown(summary)
+                                  + "<!-- narrow-results:end -->\ntail\n")
+    assert (tmp_path / "docs" / "summary.json").is_file()

@@ -4,8 +4,9 @@ Both variants run in this process, on the same weights, the same batch and the s
 each timed step is a whole step: both forwards, the losses, backward, gradient clipping and AdamW.
 
 - ours:  DistillationStudent + kd.objective.distill_loss, SDPA attention, MLM heads only at the
-         masked positions, and on CUDA bf16 teacher weights, bf16 autocast and fused AdamW
-         (what ddp_main.py does by default);
+         masked positions, the decoder and its CE + KL fused in chunks (kd/fused_head.py), and on
+         CUDA bf16 teacher weights, bf16 autocast and fused AdamW (what ddp_main.py does by default);
+- ours-allpos: the same, with KL and the MLM head at every position (the naive step's math);
 - naive: bench/naive_distiller.py (DistilBERT's recipe: eager attention, full-vocab logits
          everywhere, masked_select KL over all positions, fp16 autocast on CUDA).
 
@@ -14,6 +15,8 @@ Weights are random (right shapes, fixed seed): throughput does not depend on wha
     .venv/bin/python bench/distill_throughput.py --preset demo
     .venv/bin/python bench/distill_throughput.py --preset bert-large --device cuda
     .venv/bin/python bench/distill_throughput.py --preset demo --ddp-compare   # CPU, 2 gloo ranks
+    .venv/bin/python bench/distill_throughput.py --preset demo --unfused --compile   # + ours-allpos without
+        # the fused head, and ours under torch.compile: one ratio line each
 
 The last two lines printed are `equal-math ours/naive tokens/s ratio: Y.YY` (ours with KL and the MLM
 head at every position, the naive step's math) and `ours/naive tokens/s ratio: X.XX` (our default).
@@ -116,7 +119,7 @@ class OursStep:
     """Engine._train_step with grad_accum=1: autocast, distill_loss, backward, clip, AdamW."""
 
     def __init__(self, module, teacher, pairs, device: torch.device, ddp_module=None, compile: bool = False,
-                 loss_cfg: Optional[LossConfig] = None):
+                 loss_cfg: Optional[LossConfig] = None, fused: bool = True):
         self.train_cfg = TrainConfig()
         self.module, self.teacher, self.device = module, teacher, device
         self.wrapped = ddp_module if ddp_module is not None else module
@@ -129,10 +132,11 @@ class OursStep:
         module.attention_layers = self.plan.student_attention_layers
         self.optimizer = build_optimizer(module, self.train_cfg, device)
         self.autocast = autocast_for(device, self.train_cfg.amp)
+        self.fused = fused
 
     def step(self, batch: dict) -> torch.Tensor:
         with self.autocast():
-            loss, _ = distill_loss(self.wrapped, self.teacher, batch, self.plan)
+            loss, _ = distill_loss(self.wrapped, self.teacher, batch, self.plan, fused=self.fused)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.train_cfg.clip_grad_norm)
         self.optimizer.step()
@@ -279,7 +283,8 @@ ATTENTION_VARIANTS = {"ours+attn_kl": {"alpha_attn_kl": 1.0}, "ours+relation_kl"
 
 
 def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: int, warmup: int,
-                  peak: MatmulPeak, compile: bool = False, attention_terms: bool = False) -> dict:
+                  peak: MatmulPeak, compile: bool = False, attention_terms: bool = False,
+                  unfused: bool = False) -> dict:
     teacher, module, naive_teacher, naive_student, pairs = build_models(preset, device)
     batch = to_device(make_batch(batch_size, preset.seq_len), device)
     variants = {
@@ -294,6 +299,11 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
     equal = copy.deepcopy(module)
     variants["ours-allpos"] = OursStep(equal, teacher, pairs, device, loss_cfg=LossConfig(kd_positions="all"))
     models["ours-allpos"] = (teacher, equal)
+    if unfused:  # equal math without kd/fused_head.py: the full logits, then the plain losses
+        plain = copy.deepcopy(module)
+        variants["ours-allpos-unfused"] = OursStep(plain, teacher, pairs, device,
+                                                   loss_cfg=LossConfig(kd_positions="all"), fused=False)
+        models["ours-allpos-unfused"] = (teacher, plain)
     if compile:  # the default step with train.compile=true, timed beside the eager one
         compiled = copy.deepcopy(module)
         variants["ours-compiled"] = OursStep(compiled, teacher, pairs, device, compile=True)
@@ -396,6 +406,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.path.join("logs", "bench"), help="folder for <preset>-<device>.json")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours under torch.compile (train.compile=true), interleaved with eager")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time ours-allpos without the fused decoder+loss (full logits, plain losses)")
     parser.add_argument("--attention-terms", action="store_true",
                         help="also time ours + each attention term (MiniLM v1/v2, TinyBERT), interleaved")
     parser.add_argument("--ddp-compare", action="store_true",
@@ -421,7 +433,7 @@ def main(argv=None) -> dict:
     probe = MatmulPeak(device)
     probe.probe(5)
     results, flops = run_benchmark(preset, batch_size, device, steps, warmup, probe, compile=args.compile,
-                                   attention_terms=args.attention_terms)
+                                   attention_terms=args.attention_terms, unfused=args.unfused)
     probe.probe(5)
     peak = probe.flops
     print(f"dense matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'}, best square matmul probed before, "
@@ -432,7 +444,7 @@ def main(argv=None) -> dict:
         r["mfu"] = flops / (r["step_ms"] / 1000) / peak
         cost = (f" | {r['step_ms'] / results['ours']['step_ms']:.2f}x the default step" if name.startswith("ours+")
                 else "")
-        print(f"{name:13s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
+        print(f"{name:19s}: {r['tokens_per_s']:9.0f} tokens/s | step {r['step_ms']:8.1f} ms (median of "
               f"{r['step_ms_all']}) | peak mem {r['peak_mem_mb']:8.0f} MB | MFU {100 * r['mfu']:.1f}%{cost}")
     mem_kind = ("max_memory_allocated during a step above the allocation before it" if device.type == "cuda" else
                 "peak RSS during a step (sampled every 2 ms) above the RSS before it, after malloc_trim")
@@ -445,6 +457,9 @@ def main(argv=None) -> dict:
               "equal_math_ratio": results["ours-allpos"]["tokens_per_s"] / results["naive"]["tokens_per_s"],
               "matmul_peak_tflops": peak / 1e12, "useful_gflop_per_step": flops / 1e9, "compile": args.compile,
               "peak_mem_method": mem_kind, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads()}
+    if "ours-allpos-unfused" in results:
+        report["fused_ratio"] = (results["ours-allpos"]["tokens_per_s"]
+                                 / results["ours-allpos-unfused"]["tokens_per_s"])
     if "tokens_per_s" in results.get("ours-compiled", {}):
         report["compile_ratio"] = results["ours-compiled"]["tokens_per_s"] / results["ours"]["tokens_per_s"]
 
@@ -476,7 +491,11 @@ def main(argv=None) -> dict:
     print(f"wrote {path}")
     print("ours: our default (KL and MLM head at the masked positions); ours-allpos: the same math as naive "
           "(KL and head at every position); naive: the DistilBERT-style step"
+          + ("; ours-allpos-unfused: ours-allpos with full logits and the plain losses (no kd/fused_head.py)"
+             if args.unfused else "")
           + ("; ours-compiled: ours with torch.compile on the student (train.compile=true)" if args.compile else ""))
+    if "fused_ratio" in report:
+        print(f"fused/unfused ours-allpos tokens/s ratio: {report['fused_ratio']:.2f}")
     if "compile_ratio" in report:
         print(f"compiled/eager ours tokens/s ratio: {report['compile_ratio']:.2f}")
     elif args.compile:

@@ -192,8 +192,10 @@ def distill_terms(model: nn.Module, teacher: Optional[nn.Module], batch: dict, p
     return terms, s_masked, t_masked
 
 
-def distill_loss(model, teacher, batch, plan: DistillPlan):
-    terms, _, _ = distill_terms(model, teacher, batch, plan, need_logits=False)
+def distill_loss(model, teacher, batch, plan: DistillPlan, fused: bool = True):
+    """(weighted loss, unweighted terms) of one training batch. fused=False takes the plain path
+    (full logits, then kd.losses), the one evaluation uses; the bench times the two."""
+    terms, _, _ = distill_terms(model, teacher, batch, plan, need_logits=not fused)
     return combine_terms(terms, plan.weights, plan.kd_loss_scale), terms
 
 

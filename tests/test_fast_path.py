@@ -97,7 +97,7 @@ def test_kd_masked_positions_keeps_the_same_mlm_cross_entropy(models, batch):
 def test_benchmark_tiny_preset_writes_its_report(tmp_path):
     out = tmp_path / "bench"
     result = run_script([PY, "bench/distill_throughput.py", "--preset", "tiny", "--steps", "2", "--warmup", "1",
-                         "--out", str(out)], timeout=300)
+                         "--unfused", "--out", str(out)], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert RATIO_LINE.match(last), last
@@ -115,6 +115,8 @@ def test_benchmark_tiny_preset_writes_its_report(tmp_path):
     equal = report["variants"]["ours-allpos"]["tokens_per_s"] / report["variants"]["naive"]["tokens_per_s"]
     assert report["equal_math_ratio"] == pytest.approx(equal)
     assert result.stdout.strip().splitlines()[-2] == f"equal-math ours/naive tokens/s ratio: {equal:.2f}"
+    fused = report["variants"]["ours-allpos"]["tokens_per_s"] / report["variants"]["ours-allpos-unfused"]["tokens_per_s"]
+    assert f"fused/unfused ours-allpos tokens/s ratio: {fused:.2f}" in result.stdout.splitlines()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

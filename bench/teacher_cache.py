@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
-from bench.distill_throughput import PRESETS, Preset, forward_flops, sync  # noqa: E402  (shared shapes)
+from bench.distill_throughput import PRESETS, Preset, forward_flops  # noqa: E402  (shared shapes)
+from bench.step_timing import sync  # noqa: E402
 from kd import dist  # noqa: E402
 from kd.config import LossConfig, PretrainConfig, StudentConfig, TrainConfig, load_config  # noqa: E402
 from kd.data.loader import MLMCollate  # noqa: E402

@@ -160,7 +160,10 @@ def main(argv=None) -> int:
     assets = make_assets(os.path.join(out, "assets"))
     chosen = [(pretraining(os.path.join(out, "pretraining"), assets, steps=6 * args.pretrain_faults + 10),
                args.pretrain_faults),
-              (cache_generation(os.path.join(out, "teacher-cache"), assets, epochs=2), args.cache_faults),
+              # a mask draw is ~85 shards, written in a few seconds on an idle machine: one draw per two
+              # faults keeps the generation running until its last fault (2 draws ran out at 8 of 12)
+              (cache_generation(os.path.join(out, "teacher-cache"), assets, epochs=max(2, args.cache_faults // 2)),
+               args.cache_faults),
               (finetuning(os.path.join(out, "fine-tuning"), assets, steps=6 * args.finetune_faults + 10),
                args.finetune_faults)]
     results = []
@@ -169,6 +172,9 @@ def main(argv=None) -> int:
             print(f"soaking {workload.name} with {count} faults in {workload.folder}", flush=True)
             results.append(soak_workload(workload, count, rng, args.timeout))
             print(table(results[-1:]).splitlines()[-1].replace("soak:", f"  {workload.name}:"), flush=True)
+            if len(results[-1]["faults"]) < count and results[-1]["failure"] is None:
+                print(f"  {workload.name}: the run finished after {len(results[-1]['faults'])} of the {count} "
+                      "planned faults; give it more work to soak them all", flush=True)
     with open(os.path.join(out, "faults.json"), "w") as fh:  # every fault, for a closer look
         json.dump([{"workload": r["workload"].name, **dataclasses.asdict(f)} for r in results for f in r["faults"]],
                   fh, indent=1)

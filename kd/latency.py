@@ -69,7 +69,7 @@ def _quartiles(values: List[float]) -> Tuple[float, float, float]:
 
 
 def measure_latencies(model_dirs: Sequence, device: str = "auto", repeats: int = 10, warmup: int = 1,
-                      seq_len: int = 128, min_run_time: float = 0.1) -> List[dict]:
+                      seq_len: int = 128, min_run_time: float = 0.3) -> List[dict]:
     """Batch-1 latency (ms) and batch-32 throughput (sequences/s) of Hugging Face model folders,
     timed round robin so that load from other programs falls on every model alike.
 
@@ -78,6 +78,10 @@ def measure_latencies(model_dirs: Sequence, device: str = "auto", repeats: int =
     synchronised, the current thread count); we report the median over rounds and the IQR.
     Random token ids from each model's vocabulary, full attention mask, fp32, inference mode.
     A folder that cannot be loaded gets {"error": why} in its place.
+
+    min_run_time 0.3 s, not less: on the 2-core CPU, batch-1 calls (~22 ms) come in two speeds
+    (about 22 and 29 ms) for stretches of a second or so. With 0.1 s blocks one of three reports
+    put two copies of the same model 30% apart; with 0.3 s, three of three agreed within 1.2%.
     """
     from torch.utils.benchmark import Timer
 

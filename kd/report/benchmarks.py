@@ -111,7 +111,7 @@ def benchmark_table(models, results: pd.DataFrame, device: str = "auto", latency
         row["params_M"] = params / 1e6 if params else np.nan
         quality = agg[agg["model_key"] == key]
         if quality.empty:
-            log.warning(f"{row['model']}: no fine-tune result (results.json with model={path}); "
+            log.warning(f"{row['model']}: no fine-tune result (results.json with model={folder}); "
                         f"quality columns left empty")
         for q in quality.itertuples():
             col = quality_column(q.task, q.metric, q.split)

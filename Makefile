@@ -57,7 +57,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 # Reliability soak (README "Reliability"): 50 kills and stops under torchrun, at random and inside
-# checkpoint and cache writes, then a bitwise comparison; about 15 minutes on 2 cores.
+# checkpoint and cache writes, then a bitwise comparison; about 6 minutes on 2 idle cores.
 soak: install
 	$(PY) bench/soak.py
 

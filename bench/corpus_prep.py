@@ -29,6 +29,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.soak_driver import child_pids  # noqa: E402  (/proc children, shared with the soak)
+
 MB = 2 ** 20
 
 
@@ -54,11 +57,7 @@ def _tree(pid: int) -> list:
     while todo:
         p = todo.pop()
         pids.append(p)
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            pass
+        todo.extend(child_pids(p))
     return pids
 
 

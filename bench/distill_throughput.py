@@ -183,25 +183,23 @@ def run_benchmark(preset: Preset, batch_size: int, device: torch.device, steps: 
                                 clip=TrainConfig().clip_grad_norm),
     }
     models = {"ours": (teacher, module), "naive": (naive_teacher, naive_student)}
-    # equal math: ours with KL and the MLM head at every position, as the naive step computes them
-    # (same losses to 1e-6, tests/test_fast_path.py); a copy of the module, so the optimizers do not interfere
-    equal = copy.deepcopy(module)
-    variants["ours-allpos"] = OursStep(equal, teacher, pairs, device, loss_cfg=LossConfig(kd_positions="all"))
-    models["ours-allpos"] = (teacher, equal)
+
+    def add_variant(name: str, **step_options) -> None:
+        """Ours on a copy of the module (same weights; the optimizers do not interfere)."""
+        copied = copy.deepcopy(module)
+        variants[name] = OursStep(copied, teacher, pairs, device, **step_options)
+        models[name] = (teacher, copied)
+
+    # equal math: KL and the MLM head at every position, as the naive step computes them (same losses
+    # to 1e-6, tests/test_fast_path.py)
+    add_variant("ours-allpos", loss_cfg=LossConfig(kd_positions="all"))
     if unfused:  # equal math without kd/fused_head.py: the full logits, then the plain losses
-        plain = copy.deepcopy(module)
-        variants["ours-allpos-unfused"] = OursStep(plain, teacher, pairs, device,
-                                                   loss_cfg=LossConfig(kd_positions="all"), fused=False)
-        models["ours-allpos-unfused"] = (teacher, plain)
+        add_variant("ours-allpos-unfused", loss_cfg=LossConfig(kd_positions="all"), fused=False)
     if compile:  # the default step with train.compile=true, timed beside the eager one
-        compiled = copy.deepcopy(module)
-        variants["ours-compiled"] = OursStep(compiled, teacher, pairs, device, compile=True)
-        models["ours-compiled"] = (teacher, compiled)
-    if attention_terms:  # same weights (a copy of the module each, so the optimizers do not interfere)
+        add_variant("ours-compiled", compile=True)
+    if attention_terms:  # the default step plus one attention term each
         for name, alphas in ATTENTION_VARIANTS.items():
-            copy_module = copy.deepcopy(module)
-            variants[name] = OursStep(copy_module, teacher, pairs, device, loss_cfg=LossConfig(**alphas))
-            models[name] = (teacher, copy_module)
+            add_variant(name, loss_cfg=LossConfig(**alphas))
     failed = {}
     for name, variant in list(variants.items()):
         try:

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from kd.checkpoint import checkpoint_bytes
+
 
 def _rss_bytes() -> Optional[int]:
     try:
@@ -62,21 +64,10 @@ class PeakRSS:
         return self.peak - self.baseline
 
 
-def unique_bytes(*tensors_iters) -> int:
-    seen, total = set(), 0
-    for tensors in tensors_iters:
-        for t in tensors:
-            if t is None or t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def resident_bytes(teacher, student, optimizer) -> int:
     """Weights of both models (tied tensors once) plus the optimizer's state."""
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return unique_bytes(teacher.parameters(), teacher.buffers(), student.parameters(), student.buffers(), state)
+    return checkpoint_bytes([*teacher.parameters(), *teacher.buffers(), *student.parameters(), *student.buffers()],
+                            optimizer.state_dict())
 
 
 def sync(device: torch.device) -> None:

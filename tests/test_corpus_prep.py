@@ -149,7 +149,7 @@ def test_a_full_disk_while_blocks_are_written_names_the_path_and_the_space(tmp_p
         load_blocks(cfg, tok, 0)
     message = str(err.value)
     assert "\n" not in message and "no space left on the disk" in message
-    assert f"{cfg.cache_dir}/blocks-" in message and "train.npy" in message and "MiB there" in message
+    assert f"{cfg.cache_dir}/blocks-" in message and "train.npy" in message and " MB needed, " in message
     monkeypatch.undo()  # the disk has room again: a rerun finishes, and nothing half-written was kept
     assert same_blocks(load_blocks(cfg, tok, 0), load_blocks(data_cfg(tmp_path / "clean", corpus_file), tok, 0))
 
@@ -167,7 +167,7 @@ def test_a_file_size_limit_fails_prepare_only_with_one_line(tmp_path, corpus_fil
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"could not write {tmp_path}/blocks-" in error[0] and "file size limit (ulimit -f)" in error[0]
-    assert "MiB there" in error[0] and "raise the limit" in error[0]
+    assert " MB needed, " in error[0] and "raise the limit" in error[0]
 
 
 def test_a_half_written_cache_is_never_taken_and_a_rerun_finishes_it(tmp_path, tok, corpus_file, monkeypatch):

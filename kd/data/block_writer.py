@@ -7,7 +7,6 @@ first pass counts documents and tokens (the .npy header needs the block count), 
 """
 import errno
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -17,20 +16,18 @@ import pyarrow.compute as pc
 
 from kd.data.corpus import HELD_OUT
 from kd.errors import KDError
+from kd.integrity import space_note
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def disk_full_error(path: str, what: str, needed_bytes: int, err: OSError) -> KDError:
     """One line naming the file, what it holds, the space it needs and the fix."""
-    folder = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
     if err.errno == errno.EFBIG:
         why, fix = "it would pass this process's file size limit (ulimit -f)", "raise the limit"
     else:
         why, fix = "no space left on the disk", "free space or set data.cache_dir to a bigger disk"
-    return KDError(f"could not write {path}: {why}. The {what} need{'' if what.endswith('s') else 's'} "
-                   f"{needed_bytes / 2 ** 20:.1f} MiB there ({free / 2 ** 20:.1f} MiB free); {fix}, then rerun")
+    return KDError(f"could not write {path}: {why}. The {what}: {space_note(path, needed_bytes)}; {fix}, then rerun")
 
 
 class BlockFile:

@@ -19,7 +19,7 @@ import torch
 
 from kd.data.corpus import corpus_files, load_hub_split
 from kd.data.text_files import plan_chunks, read_chunk
-from kd.data.tokenizing import backend_tokenizer, token_dtype
+from kd.data.tokenizing import backend_tokenizer
 from kd.errors import KDError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ class StreamedBlocks:
                  rank: int = 0, world_size: int = 1):
         self.make_documents, self.collate = make_documents, collate
         self.backend = backend_tokenizer(tokenizer)
-        self.dtype = token_dtype(len(tokenizer))
         self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.position = {"documents": None, "carry": [], "taken": 0, "blocks": 0, "passes": 0}
